@@ -1,0 +1,46 @@
+"""Decentralized algorithms as pure per-worker state machines (no Ray)."""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+
+from relay_ray.algorithms.base import Algorithm, CommPlan
+from relay_ray.algorithms.gossip import D2, DSGD, AllReduce, DSGDQuasiGlobalMomentum, GradientTracking
+from relay_ray.algorithms.relaysum import RelaySGD, RelaySumChannel, RelaySumGrad
+from relay_ray.errors import UserError
+from relay_ray.optim import NesterovSGD
+from relay_ray.topology import metropolis_hastings_weights
+
+_REGISTRY: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (RelaySGD, RelaySumGrad, AllReduce, DSGD, DSGDQuasiGlobalMomentum, D2, GradientTracking)
+}
+ALGORITHMS = tuple(_REGISTRY)
+TREE_ALGORITHMS = tuple(name for name, cls in _REGISTRY.items() if cls.uses_trees)
+
+
+def algorithm_class(name: str) -> type[Algorithm]:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+    return _REGISTRY[name]
+
+
+def build_plan(name: str, graph: nx.Graph, trees: list[nx.Graph]) -> CommPlan:
+    """The communication plan of algorithm ``name``: trees for relays, the graph for gossip."""
+    cls = algorithm_class(name)
+    if cls.uses_trees:
+        return CommPlan.for_trees(trees)
+    if cls is AllReduce:
+        n = graph.number_of_nodes()
+        return CommPlan.for_gossip(nx.complete_graph(n), np.full((n, n), 1.0 / n))
+    return CommPlan.for_gossip(graph, metropolis_hastings_weights(graph))
+
+
+def make_algorithm(name: str, rank: int, plan: CommPlan, x0: np.ndarray, momentum: float,
+                   weight_decay: float) -> Algorithm:
+    optimizer = NesterovSGD(x0.size, momentum=momentum, weight_decay=weight_decay)
+    return algorithm_class(name)(rank, plan, x0, optimizer)
+
+
+__all__ = ["ALGORITHMS", "TREE_ALGORITHMS", "Algorithm", "CommPlan", "RelaySumChannel", "algorithm_class",
+           "build_plan", "make_algorithm"]

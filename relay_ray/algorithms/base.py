@@ -1,0 +1,83 @@
+"""The per-worker state machine every algorithm implements, and the communication plan it runs on.
+
+One step of worker i, in the order the engines call it:
+  ``local_step(grad, lr)``  x_i^{t+1/2} = x_i^t + u_i^t
+  ``outgoing()``            one flat float32 message per neighbour, in ``neighbors`` order
+  ``incoming(inbox)``       the neighbours' messages of the same step (``None`` = lost) -> x_i^{t+1}
+The simulator and the Ray engine call exactly these methods, so they compute the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+
+from relay_ray.optim import NesterovSGD
+
+
+@dataclass(frozen=True)
+class CommPlan:
+    """Who talks to whom: per-worker neighbour lists, gossip weights and relay trees."""
+
+    num_workers: int
+    neighbors: tuple[tuple[int, ...], ...]
+    gossip_weights: np.ndarray | None = None
+    tree_neighbors: tuple[tuple[tuple[int, ...], ...], ...] = ()  # [tree][worker] -> neighbours
+
+    @property
+    def num_edges(self) -> int:
+        return sum(len(n) for n in self.neighbors) // 2
+
+    def inbox_order(self, rank: int) -> list[tuple[int, int]]:
+        """For each neighbour j of ``rank``: (j, index of ``rank`` among j's neighbours)."""
+        return [(j, self.neighbors[j].index(rank)) for j in self.neighbors[rank]]
+
+    @staticmethod
+    def for_trees(trees: list[nx.Graph]) -> "CommPlan":
+        n = trees[0].number_of_nodes()
+        per_tree = tuple(tuple(tuple(sorted(tree.neighbors(i))) for i in range(n)) for tree in trees)
+        union = tuple(tuple(sorted(set().union(*(t[i] for t in per_tree)))) for i in range(n))
+        return CommPlan(num_workers=n, neighbors=union, tree_neighbors=per_tree)
+
+    @staticmethod
+    def for_gossip(graph: nx.Graph, weights: np.ndarray) -> "CommPlan":
+        n = graph.number_of_nodes()
+        neighbors = tuple(tuple(sorted(graph.neighbors(i))) for i in range(n))
+        return CommPlan(num_workers=n, neighbors=neighbors, gossip_weights=weights)
+
+
+class Algorithm:
+    """Base class: holds the model x_i, the local optimizer and the message plumbing."""
+
+    name = "base"
+    uses_trees = False
+
+    def __init__(self, rank: int, plan: CommPlan, x0: np.ndarray, optimizer: NesterovSGD):
+        self.rank = rank
+        self.plan = plan
+        self.num_workers = plan.num_workers
+        self.neighbors = plan.neighbors[rank]
+        self.params = np.array(x0, dtype=np.float32)
+        self.optimizer = optimizer
+        self.update = np.zeros_like(self.params)
+        self.half = self.params
+
+    def local_step(self, grad: np.ndarray, lr: float) -> None:
+        """x^{t+1/2} = x^t + u^t with the local (Nesterov) optimizer."""
+        self.update = self.optimizer.update(self.params, grad, lr)
+        self.half = self.params + self.update
+
+    def outgoing(self) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def incoming(self, inbox: list[np.ndarray | None]) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"params": self.params.copy(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.params = np.array(state["params"], dtype=np.float32)
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,151 @@
+"""The RelaySum mechanism on one spanning tree (Vogels et al. 2021, Alg. 1 steps 2-4), and the
+two algorithms built on it: RelaySGD (relay models) and RelaySum/Grad (relay updates)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from relay_ray.algorithms.base import Algorithm, CommPlan
+from relay_ray.optim import NesterovSGD
+
+
+class RelaySumChannel:
+    """Relays sums (with counts) of a payload over one tree.
+
+    m_{i->j}^t = payload_i^t + sum_{k in N(i)\\{j}} m_{k->i}^{t-1}
+    c_{i->j}^t = 1           + sum_{k in N(i)\\{j}} c_{k->i}^{t-1}
+    A lost message counts as m = 0, c = 0, so it is neither used nor forwarded.
+    """
+
+    def __init__(self, rank: int, neighbors: list[int] | tuple[int, ...]):
+        self.rank = rank
+        self.neighbors = tuple(neighbors)
+        self.received: dict[int, tuple[np.ndarray | float, int]] = {j: (0.0, 0) for j in self.neighbors}
+
+    def outgoing(self, payload: np.ndarray) -> dict[int, tuple[np.ndarray, int]]:
+        out = {}
+        for j in self.neighbors:
+            relay_sum = payload.copy()
+            relay_count = 1
+            for k in self.neighbors:
+                if k != j:
+                    relay_sum += self.received[k][0]
+                    relay_count += self.received[k][1]
+            out[j] = (relay_sum, relay_count)
+        return out
+
+    def incoming(self, payload: np.ndarray, inbox: dict[int, tuple[np.ndarray, int] | None]) -> tuple[np.ndarray, int]:
+        """Store this step's messages (to relay next step); return (sum of payloads seen, count)."""
+        self.received = {j: (inbox[j] if inbox[j] is not None else (0.0, 0)) for j in self.neighbors}
+        total = payload.copy()
+        count = 1
+        for relay_sum, relay_count in self.received.values():
+            total += relay_sum
+            count += relay_count
+        return total, count
+
+    def state_dict(self) -> dict:
+        return {str(j): (np.asarray(m, dtype=np.float32), c) for j, (m, c) in self.received.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.received = {j: (np.array(state[str(j)][0]), int(state[str(j)][1])) for j in self.neighbors}
+
+
+class _RelayAlgorithm(Algorithm):
+    """Coordinates are split by stride over the trees (1 tree: all; double binary: even/odd).
+
+    The message to neighbour j packs, for every tree in which j is a neighbour, the relayed
+    sum of that tree's coordinates followed by its count (exact in float32 for counts < 2^24).
+    """
+
+    uses_trees = True
+
+    def __init__(self, rank: int, plan: CommPlan, x0: np.ndarray, optimizer: NesterovSGD):
+        super().__init__(rank, plan, x0, optimizer)
+        self.num_trees = len(plan.tree_neighbors)
+        self.channels = [RelaySumChannel(rank, tree[rank]) for tree in plan.tree_neighbors]
+        self.x0 = np.array(x0, dtype=np.float32)
+
+    def _slice(self, tree: int) -> slice:
+        return slice(tree, None, self.num_trees)
+
+    def _payload(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def outgoing(self) -> list[np.ndarray]:
+        payload = self._payload()
+        per_tree = [ch.outgoing(payload[self._slice(t)]) for t, ch in enumerate(self.channels)]
+        messages = []
+        for j in self.neighbors:
+            parts = []
+            for t, ch in enumerate(self.channels):
+                if j in ch.neighbors:
+                    relay_sum, relay_count = per_tree[t][j]
+                    parts += [relay_sum, np.array([relay_count], dtype=np.float32)]
+            messages.append(np.concatenate(parts).astype(np.float32, copy=False))
+        return messages
+
+    def _unpack(self, inbox: list[np.ndarray | None]) -> list[dict[int, tuple[np.ndarray, int] | None]]:
+        per_tree: list[dict] = [{} for _ in self.channels]
+        for j, message in zip(self.neighbors, inbox):
+            offset = 0
+            for t, ch in enumerate(self.channels):
+                if j not in ch.neighbors:
+                    continue
+                size = len(range(*self._slice(t).indices(self.params.size)))
+                if message is None:
+                    per_tree[t][j] = None
+                else:
+                    per_tree[t][j] = (message[offset:offset + size], int(message[offset + size]))
+                offset += size + 1
+        return per_tree
+
+    def _relay(self, inbox: list[np.ndarray | None]) -> list[tuple[slice, np.ndarray, int]]:
+        payload = self._payload()
+        results = []
+        for t, (ch, tree_inbox) in enumerate(zip(self.channels, self._unpack(inbox))):
+            total, count = ch.incoming(payload[self._slice(t)], tree_inbox)
+            results.append((self._slice(t), total, count))
+        return results
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["channels"] = [ch.state_dict() for ch in self.channels]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for ch, ch_state in zip(self.channels, state["channels"]):
+            ch.load_state_dict(ch_state)
+
+
+class RelaySGD(_RelayAlgorithm):
+    """RelaySGD ("relaysum-model"): relay models; fill workers not yet heard from with x0."""
+
+    name = "relaysgd"
+
+    def _payload(self) -> np.ndarray:
+        return self.half
+
+    def incoming(self, inbox: list[np.ndarray | None]) -> None:
+        params = np.empty_like(self.params)
+        n = self.num_workers
+        for coords, total, count in self._relay(inbox):
+            # Alg. 1 step 4: workers whose model has not arrived yet count as x0
+            params[coords] = (total + (n - count) * self.x0[coords]) / n
+        self.params = params
+
+
+class RelaySumGrad(_RelayAlgorithm):
+    """RelaySum/Grad: relay the updates u; x^{t+1} = x^t + (sum of updates seen) / n."""
+
+    name = "relaysum-grad"
+
+    def _payload(self) -> np.ndarray:
+        return self.update
+
+    def incoming(self, inbox: list[np.ndarray | None]) -> None:
+        params = self.params.copy()
+        for coords, total, _ in self._relay(inbox):
+            params[coords] += total / self.num_workers
+        self.params = params

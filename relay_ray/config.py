@@ -1,0 +1,194 @@
+"""Run configuration: one dataclass, validated in ``__post_init__``, dumped/loaded as safe YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from relay_ray.algorithms import ALGORITHMS, TREE_ALGORITHMS
+from relay_ray.data import DATASETS
+from relay_ray.errors import UserError
+from relay_ray.models import MODELS
+from relay_ray.topology import GRAPHS, TREES
+
+TASKS = DATASETS + ("quadratics",)
+BACKENDS = ("ray", "local")
+
+# Per-task defaults for the settings left unset: what a user gets from `relay-ray run --dataset X`.
+TASK_DEFAULTS = {
+    "quadratics": dict(model="linear", lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=1, steps=3000,
+                       eval_every=100),
+    "digits": dict(model="mlp", lr=0.05, momentum=0.9, weight_decay=1e-4, batch_size=32, epochs=30,
+                   eval_every=50),
+    "mnist": dict(model="cnn", lr=0.05, momentum=0.9, weight_decay=1e-4, batch_size=32, epochs=5,
+                  eval_every=100),
+    "cifar10": dict(model="resnet20", lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=32, epochs=20,
+                    eval_every=200),
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; ``None`` fields take the task's defaults (``TASK_DEFAULTS``)."""
+
+    algorithm: str = "relaysgd"
+    topology: str | None = None  # None: ring for gossip; the tree itself for relay algorithms
+    topology_file: str | None = None
+    tree: str = "auto"
+    num_workers: int | None = None  # None: 16, or what --topology social / --topology-file define
+    dataset: str = "digits"
+    data_dir: str | None = None
+    alpha: float = 1.0
+    heterogeneity: float = 10.0  # zeta^2 of the quadratics task
+    model: str | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float | None = None
+    lr_correction: str = "auto"  # auto | none | a float
+    warmup_steps: int = 0
+    decay_at: list[float] = field(default_factory=list)  # fractions of the run, lr *= 0.1 at each
+    momentum: float | None = None
+    weight_decay: float | None = None
+    batch_size: int | None = None
+    eval_every: int | None = None
+    eval_samples: int | None = None  # test samples per evaluation (None: the whole test set)
+    seed: int = 0
+    backend: str = "ray"
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate()
+        self._resolve_num_workers()
+        defaults = TASK_DEFAULTS[self.dataset]
+        for name, value in defaults.items():
+            if name in ("steps", "epochs"):
+                continue
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.steps is None and self.epochs is None:
+            if "steps" in defaults:
+                self.steps = defaults["steps"]
+            else:
+                self.epochs = defaults["epochs"]
+        self._validate_resolved()
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        _choice("algorithm", self.algorithm, ALGORITHMS)
+        _choice("dataset", self.dataset, TASKS)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("tree", self.tree, TREES)
+        if self.topology is not None and self.topology_file is None:
+            _choice("topology", self.topology, GRAPHS)
+        if self.topology_file is None and self.num_workers is not None and self.num_workers < 2:
+            raise UserError(f"--workers must be at least 2, got {self.num_workers}")
+        if not (self.alpha > 0):
+            raise UserError(f"--alpha must be > 0 (use inf for iid data), got {self.alpha}")
+        if self.heterogeneity < 0:
+            raise UserError(f"--heterogeneity must be >= 0, got {self.heterogeneity}")
+        if self.steps is not None and self.epochs is not None:
+            raise UserError("give either --steps or --epochs, not both")
+        _positive("steps", self.steps)
+        _positive("epochs", self.epochs)
+        _positive("lr", self.lr)
+        _positive("batch-size", self.batch_size)
+        _positive("eval-every", self.eval_every)
+        _positive("eval-samples", self.eval_samples)
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if any(not 0 < f < 1 for f in self.decay_at):
+            raise UserError(f"--decay-at takes fractions of the run in (0, 1), got {self.decay_at}")
+        if self.lr_correction not in ("auto", "none"):
+            try:
+                value = float(self.lr_correction)
+            except ValueError:
+                raise UserError(f"--lr-correction must be auto, none or a number, got {self.lr_correction!r}") from None
+            if not value > 0:
+                raise UserError(f"--lr-correction must be > 0, got {self.lr_correction}")
+        if self.model is not None and self.dataset != "quadratics":
+            _choice("model", self.model, MODELS)
+        if self.data_dir is not None and not Path(self.data_dir).exists():
+            raise UserError(
+                f"--data-dir {self.data_dir} does not exist; point it at the dataset "
+                "(see `relay-ray run --help` for the layouts each dataset accepts)"
+            )
+
+    def _resolve_num_workers(self) -> None:
+        if self.topology_file is not None:
+            from relay_ray.topology import read_edge_list
+
+            self.num_workers = read_edge_list(self.topology_file, self.num_workers).number_of_nodes()
+        elif self.topology == "social":
+            from relay_ray.topology import SOCIAL_NUM_WORKERS
+
+            if self.num_workers not in (None, SOCIAL_NUM_WORKERS):
+                raise UserError(f"topology 'social' has {SOCIAL_NUM_WORKERS} workers, got --workers {self.num_workers}")
+            self.num_workers = SOCIAL_NUM_WORKERS
+        elif self.num_workers is None:
+            self.num_workers = 16
+
+    def _validate_resolved(self) -> None:
+        if self.dataset == "quadratics" and self.model != "linear":
+            raise UserError("the quadratics task has its own linear model; drop --model")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def uses_trees(self) -> bool:
+        return self.algorithm in TREE_ALGORITHMS
+
+    def lr_scale(self, auto_value: float) -> float:
+        """The factor applied to --lr: RelaySGD's tree correction (auto), 1 (none) or a given number."""
+        if self.lr_correction == "none" or self.algorithm != "relaysgd":
+            return 1.0 if self.lr_correction in ("auto", "none") else float(self.lr_correction)
+        if self.lr_correction == "auto":
+            return auto_value
+        return float(self.lr_correction)
+
+    # ------------------------------------------------------------------ io
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        if math.isinf(data["alpha"]):
+            data["alpha"] = "inf"
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown run setting(s): {', '.join(unknown)}")
+        data = dict(data)
+        if "alpha" in data:
+            data["alpha"] = float(data["alpha"])
+        return cls(**data)
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise UserError(f"cannot read run config {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"run config {path} must be a mapping of settings")
+        return cls.from_dict(data)
+
+
+def _choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {flag} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _positive(flag: str, value) -> None:
+    if value is not None and not value > 0:
+        raise UserError(f"--{flag} must be > 0, got {value}")

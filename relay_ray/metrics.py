@@ -1,0 +1,176 @@
+"""Metrics of a decentralized run and the files a run writes (pure; no Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from relay_ray.config import RunConfig
+
+
+def consensus_distance(params: list[np.ndarray] | np.ndarray) -> float:
+    """(1/n) sum_i ||x_i - xbar||^2 (Kong et al. 2021, arXiv:2102.04828)."""
+    stacked = np.asarray(params, dtype=np.float64)
+    return float(np.mean(np.sum((stacked - stacked.mean(axis=0)) ** 2, axis=1)))
+
+
+def eval_row(step: int, per_worker: list[dict], avg_model_metric: float, consensus: float, wall_s: float,
+             metric: str) -> dict:
+    """One line of metrics.jsonl from the workers' small metric dicts.
+
+    Classification reports test accuracy (mean / worst worker / averaged model); quadratics
+    reports suboptimality F(x) - F* the same three ways (worst = largest).
+    """
+    values = [w["metric"] for w in per_worker]
+    row = {
+        "step": step,
+        "train_loss": float(np.mean([w["train_loss"] for w in per_worker])),
+        "test_acc_mean": None,
+        "test_acc_worst": None,
+        "test_acc_avg_model": None,
+        "consensus_distance": consensus,
+        "bytes_sent_per_worker": float(np.mean([w["bytes_sent"] for w in per_worker])),
+        "samples": int(sum(w["samples"] for w in per_worker)),
+        "wall_s": wall_s,
+    }
+    if metric == "test_acc":
+        row.update(test_acc_mean=float(np.mean(values)), test_acc_worst=float(np.min(values)),
+                   test_acc_avg_model=float(avg_model_metric))
+    else:
+        row.update(suboptimality=float(avg_model_metric), suboptimality_mean=float(np.mean(values)),
+                   suboptimality_worst=float(np.max(values)))
+    row["samples_per_s"] = row["samples"] / wall_s if wall_s > 0 else None
+    return row
+
+
+def format_row(row: dict, total_steps: int) -> str:
+    """A one-line progress summary of an evaluation."""
+    parts = [f"step {row['step']}/{total_steps}", f"loss {row['train_loss']:.4f}"]
+    if row["test_acc_mean"] is not None:
+        parts += [f"acc avg-model {row['test_acc_avg_model']:.4f}", f"mean {row['test_acc_mean']:.4f}",
+                  f"worst {row['test_acc_worst']:.4f}"]
+    else:
+        parts += [f"subopt {row['suboptimality']:.3e}", f"worst {row['suboptimality_worst']:.3e}"]
+    parts += [f"consensus {row['consensus_distance']:.3e}", f"{row['wall_s']:.1f}s"]
+    return " | ".join(parts)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Writes ``config.yaml``, ``metrics.jsonl`` (a line per evaluation), ``summary.json`` and plots."""
+
+    def __init__(self, out_dir: str | Path | None, config: RunConfig, extra_config: dict | None = None):
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.rows: list[dict] = []
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            config.dump(self.out_dir / "config.yaml")
+            self.metrics_path = self.out_dir / "metrics.jsonl"
+            self.metrics_path.write_text("")
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.out_dir is not None:
+            # one write() of a whole line: a reader never sees half a row
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def finish(self, summary: dict) -> None:
+        if self.out_dir is None:
+            return
+        _atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_curves({"run": self.rows}, self.out_dir / "curves.png")
+
+
+def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
+    """Test metric, train loss and consensus distance vs step; one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for label, rows in runs.items():
+        if not rows:
+            continue
+        steps = [r["step"] for r in rows]
+        if rows[0]["test_acc_mean"] is not None:
+            line, = axes[0].plot(steps, [r["test_acc_avg_model"] for r in rows], label=f"{label} (avg model)")
+            axes[0].plot(steps, [r["test_acc_worst"] for r in rows], linestyle="--", color=line.get_color(),
+                         label=f"{label} (worst worker)")
+            axes[0].set_ylabel("test accuracy")
+        else:
+            axes[0].semilogy(steps, [max(r["suboptimality"], 1e-16) for r in rows], label=label)
+            axes[0].set_ylabel("suboptimality F(x̄) − F*")
+        axes[1].plot(steps, [r["train_loss"] for r in rows], label=label)
+        axes[2].semilogy(steps, [max(r["consensus_distance"], 1e-16) for r in rows], label=label)
+    axes[1].set_ylabel("train loss")
+    axes[2].set_ylabel("consensus distance")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain lines (one per evaluation) otherwise."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.total = total
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def report(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        line = format_row(row, self.total)
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summarize(config: RunConfig, rows: list[dict], stats: dict, lr_scale: float, total_steps: int,
+              wall_s: float, backend: str) -> dict:
+    final = rows[-1] if rows else {}
+    return {
+        "algorithm": config.algorithm,
+        "dataset": config.dataset,
+        "num_workers": config.num_workers,
+        "backend": backend,
+        "steps": total_steps,
+        "lr": config.lr,
+        "lr_scale": lr_scale,
+        "topology": {k: v for k, v in stats.items() if k not in ("tree_edges", "graph_edges")},
+        "wall_s": wall_s,
+        "final": final,
+        "nan_detected": any(isinstance(v, float) and math.isnan(v) for v in final.values()),
+    }

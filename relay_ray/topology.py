@@ -1,0 +1,301 @@
+"""Communication graphs, spanning trees, gossip weights and their statistics (pure; no Ray).
+
+Workers are the integers ``0 .. num_workers-1``.  Gossip algorithms talk over the edges of
+a *graph*; relay algorithms talk over the edges of one or two spanning *trees* of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+
+from relay_ray.errors import UserError
+
+GRAPHS = ("ring", "chain", "star", "complete", "torus", "binary-tree", "exponential", "social")
+TREES = ("auto", "chain", "binary", "double-binary", "bfs")
+SOCIAL_NUM_WORKERS = 32
+
+
+# --------------------------------------------------------------------------------------
+# graphs
+
+
+def make_graph(name: str, num_workers: int | None, topology_file: str | None = None) -> nx.Graph:
+    """Build the communication graph ``name`` on ``num_workers`` nodes, or read ``topology_file``."""
+    if topology_file is not None:
+        graph = read_edge_list(topology_file, num_workers)
+    else:
+        if name not in GRAPHS:
+            raise UserError(f"unknown topology {name!r}; choose one of {', '.join(GRAPHS)} or pass --topology-file")
+        if name == "social":
+            graph = nx.convert_node_labels_to_integers(nx.davis_southern_women_graph())
+            graph = nx.Graph(graph.edges())
+            if num_workers is not None and num_workers != graph.number_of_nodes():
+                raise UserError(f"topology 'social' has {graph.number_of_nodes()} workers, got --workers {num_workers}")
+        else:
+            _check_num_workers(num_workers)
+            graph = _named_graph(name, num_workers)
+    _check_connected(graph, topology_file or name)
+    return graph
+
+
+def _check_num_workers(num_workers: int | None) -> None:
+    if num_workers is None or num_workers < 2:
+        raise UserError(f"need at least 2 workers, got {num_workers}")
+
+
+def _named_graph(name: str, n: int) -> nx.Graph:
+    if name == "ring":
+        graph = nx.cycle_graph(n)
+    elif name == "chain":
+        graph = nx.path_graph(n)
+    elif name == "star":
+        graph = nx.star_graph(n - 1)
+    elif name == "complete":
+        graph = nx.complete_graph(n)
+    elif name == "torus":
+        rows = _torus_rows(n)
+        grid = nx.grid_2d_graph(rows, n // rows, periodic=True)
+        graph = nx.convert_node_labels_to_integers(grid, ordering="sorted")
+    elif name == "binary-tree":
+        graph = binary_tree(n)
+    else:  # exponential: i talks to i ± 2^k (the time-invariant exponential graph of SGP)
+        graph = nx.Graph()
+        graph.add_nodes_from(range(n))
+        hop = 1
+        while hop < n:
+            graph.add_edges_from((i, (i + hop) % n) for i in range(n) if (i + hop) % n != i)
+            hop *= 2
+    return nx.Graph(graph)
+
+
+def _torus_rows(n: int) -> int:
+    rows = int(math.isqrt(n))
+    while n % rows:
+        rows -= 1
+    if rows < 2 or n // rows < 2:
+        raise UserError(f"topology 'torus' needs a worker count that factors as r x c with r, c >= 2; got {n}")
+    return rows
+
+
+def read_edge_list(path: str, num_workers: int | None = None) -> nx.Graph:
+    """Read ``u v`` edges, one per line, ``#`` comments; nodes must be ``0 .. n-1``."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"topology file {path} does not exist")
+    edges = []
+    for lineno, raw in enumerate(file.read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) != 2 or not all(f.lstrip("-").isdigit() for f in fields):
+            raise UserError(f"{path}:{lineno}: malformed edge line {raw.strip()!r}; expected two node ids 'u v'")
+        u, v = int(fields[0]), int(fields[1])
+        if u == v:
+            raise UserError(f"{path}:{lineno}: self-loop {u} {v} is not an edge")
+        edges.append((u, v, lineno))
+    if not edges:
+        raise UserError(f"topology file {path} has no edges")
+    nodes = {u for u, _, _ in edges} | {v for _, v, _ in edges}
+    n = num_workers if num_workers is not None else max(nodes) + 1
+    _check_num_workers(n)
+    for u, v, lineno in edges:
+        for node in (u, v):
+            if not 0 <= node < n:
+                raise UserError(f"{path}:{lineno}: node id {node} out of range 0..{n - 1}")
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    graph.add_edges_from((u, v) for u, v, _ in edges)
+    return graph
+
+
+def _check_connected(graph: nx.Graph, what: str) -> None:
+    if graph.number_of_nodes() < 2:
+        raise UserError(f"need at least 2 workers, got {graph.number_of_nodes()}")
+    if not nx.is_connected(graph):
+        parts = nx.number_connected_components(graph)
+        raise UserError(f"topology {what} is disconnected ({parts} components); every worker must be reachable")
+
+
+# --------------------------------------------------------------------------------------
+# spanning trees
+
+
+def binary_tree(n: int, mirrored: bool = False) -> nx.Graph:
+    """Binary tree of the RelaySum paper: heap order on 1.., with worker 0 hanging off worker 1.
+
+    The root (1) has children 2 and 3 plus the extra worker 0, so 16 workers fit in depth 3
+    (diameter 6).  ``mirrored`` relabels i -> n-1-i: leaves of one tree are mostly inner nodes
+    of the other, which balances bytes per worker for double binary trees.
+    """
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    graph.add_edge(0, 1)
+    graph.add_edges_from((child // 2, child) for child in range(2, n))
+    if mirrored:
+        graph = nx.relabel_nodes(graph, {i: n - 1 - i for i in range(n)})
+    return graph
+
+
+def bfs_tree(graph: nx.Graph) -> nx.Graph:
+    """Shortest-path tree from a centre node (minimum eccentricity), using only graph edges.
+
+    Ties are broken by the smallest node id so the tree is deterministic.
+    """
+    root = min(nx.center(graph))
+    tree = nx.Graph()
+    tree.add_nodes_from(graph.nodes)
+    depth = {root: 0}
+    frontier = [root]
+    while frontier:
+        next_frontier = []
+        for parent in frontier:
+            for child in sorted(graph.neighbors(parent)):
+                if child not in depth:
+                    depth[child] = depth[parent] + 1
+                    tree.add_edge(parent, child)
+                    next_frontier.append(child)
+        frontier = sorted(next_frontier)
+    return tree
+
+
+def spanning_trees(kind: str, graph: nx.Graph, graph_given: bool = True) -> list[nx.Graph]:
+    """The tree(s) RelaySum relays over: one tree, or two for ``double-binary``.
+
+    With ``graph_given`` the trees must use only edges of ``graph``; otherwise (no --topology)
+    the tree itself defines who may talk to whom.
+    """
+    n = graph.number_of_nodes()
+    if kind not in TREES:
+        raise UserError(f"unknown tree {kind!r}; choose one of {', '.join(TREES)}")
+    if kind == "auto":
+        kind = "bfs" if graph_given else "chain"
+    if kind == "chain":
+        trees = [nx.path_graph(n)]
+    elif kind == "binary":
+        trees = [binary_tree(n)]
+    elif kind == "double-binary":
+        trees = [binary_tree(n), binary_tree(n, mirrored=True)]
+    else:
+        trees = [bfs_tree(graph)]
+    if graph_given:
+        for tree in trees:
+            missing = [e for e in tree.edges if not graph.has_edge(*e)]
+            if missing:
+                raise UserError(
+                    f"tree {kind!r} needs edge {missing[0][0]}-{missing[0][1]} that the topology lacks; "
+                    "use --tree bfs (a tree of the given topology) or --topology complete"
+                )
+    for tree in trees:
+        assert nx.is_tree(tree), "spanning tree construction produced a non-tree"
+    return trees
+
+
+# --------------------------------------------------------------------------------------
+# gossip weights and statistics
+
+
+def metropolis_hastings_weights(graph: nx.Graph) -> np.ndarray:
+    """W_ij = 1/(max(deg_i, deg_j)+1) on edges, W_ii = 1 - sum_j W_ij (symmetric, doubly stochastic)."""
+    n = graph.number_of_nodes()
+    weights = np.zeros((n, n))
+    for i, j in graph.edges:
+        weights[i, j] = weights[j, i] = 1.0 / (max(graph.degree[i], graph.degree[j]) + 1)
+    weights[np.diag_indices(n)] = 1.0 - weights.sum(axis=1)
+    return weights
+
+
+def spectral_gap(weights: np.ndarray) -> float:
+    """1 - |lambda_2| of a symmetric gossip matrix (1 for exact averaging, -> 0 for slow mixing)."""
+    moduli = np.sort(np.abs(np.linalg.eigvalsh(weights)))[::-1]
+    return float(1.0 - moduli[1])
+
+
+def max_delay(trees: list[nx.Graph]) -> int:
+    """The longest tree distance: after this many steps every worker has every model."""
+    return max(nx.diameter(tree) for tree in trees)
+
+
+def lr_correction(trees: list[nx.Graph]) -> float:
+    """RelaySGD's learning-rate correction 1/|x_inf| of the scalar impulse response (DESIGN §1).
+
+    Every worker applies a -1 update at step 0 and the RelaySum-of-models mechanism runs with
+    x0 = 0.  Worker k's half-step model reaches worker i after delta_ik = max(d(i,k)-1, 0) steps
+    and counts as x0 until then, so x_i^{t+1} = (1/n) sum_k xhalf_k^{t - delta_ik}.  The final-value
+    theorem on this delay system gives x_inf = -1 / (1 + sum_ik delta_ik / n^2): updates are damped
+    by the average relay delay.  (16 workers: chain 5.375, binary tree 3.32.)  With several trees
+    each carries an equal share of the coordinates, so their limits are averaged.
+    ``tests/test_topology.py`` checks this against the message-level mechanism.
+    """
+    limits = []
+    for tree in trees:
+        n = tree.number_of_nodes()
+        dist = np.array(nx.floyd_warshall_numpy(tree))
+        limits.append(1.0 / (1.0 + np.maximum(dist - 1, 0).sum() / n**2))
+    return float(1.0 / np.mean(limits))
+
+
+@dataclass(frozen=True)
+class TopologyStats:
+    num_workers: int
+    diameter: int
+    max_degree: int
+    spectral_gap: float
+    lr_correction: float
+    tree_edges: list[list[tuple[int, int]]]
+    graph_edges: list[tuple[int, int]]
+
+    def to_dict(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "diameter": self.diameter,
+            "max_degree": self.max_degree,
+            "spectral_gap": self.spectral_gap,
+            "lr_correction": self.lr_correction,
+            "tree_edges": [[list(e) for e in edges] for edges in self.tree_edges],
+            "graph_edges": [list(e) for e in self.graph_edges],
+        }
+
+
+def topology_stats(graph: nx.Graph, trees: list[nx.Graph]) -> TopologyStats:
+    """Statistics a user needs to pick a topology: delays, degrees, mixing, lr correction.
+
+    ``diameter`` and ``max_degree`` are those of the relay tree(s) (what RelaySGD sees);
+    ``spectral_gap`` is that of the gossip matrix of the graph (what D-SGD sees).
+    """
+    union = nx.compose_all(trees)
+    return TopologyStats(
+        num_workers=graph.number_of_nodes(),
+        diameter=max_delay(trees),
+        max_degree=max(d for _, d in union.degree),
+        spectral_gap=spectral_gap(metropolis_hastings_weights(graph)),
+        lr_correction=lr_correction(trees),
+        tree_edges=[sorted(tuple(sorted(e)) for e in tree.edges) for tree in trees],
+        graph_edges=sorted(tuple(sorted(e)) for e in graph.edges),
+    )
+
+
+def plot_topology(graph: nx.Graph, trees: list[nx.Graph], path: str, title: str = "") -> None:
+    """Draw the graph in grey with the relay tree(s) on top in colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos = nx.kamada_kawai_layout(graph) if graph.number_of_nodes() <= 64 else nx.spring_layout(graph, seed=0)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    nx.draw_networkx_edges(graph, pos, ax=ax, edge_color="#cccccc", width=1.0)
+    for tree, colour, style in zip(trees, ("tab:blue", "tab:orange"), ("solid", "dashed")):
+        nx.draw_networkx_edges(tree, pos, ax=ax, edge_color=colour, width=2.5, style=style)
+    nx.draw_networkx_nodes(graph, pos, ax=ax, node_color="white", edgecolors="black", node_size=260)
+    nx.draw_networkx_labels(graph, pos, ax=ax, font_size=8)
+    ax.set_title(title)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,84 @@
+"""Tests for relay_ray.models: shapes, no buffers, deterministic init, sizes, and a training sanity check."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from relay_ray.data import load_dataset, normalize_batch
+from relay_ray.models import MODELS, build_model
+
+SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dataset", SHAPES)
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_shape_no_buffers_all_params_trained(name, dataset):
+    shape = SHAPES[dataset]
+    torch.manual_seed(0)
+    model = build_model(name, shape, num_classes=10)
+    # Workers exchange parameters only: a buffer (e.g. BatchNorm running stats) would never be averaged.
+    assert list(model.buffers()) == []
+    out = model(torch.randn(3, *shape))
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_init_is_deterministic_given_seed(name):
+    def params(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        return [p.detach() for p in build_model(name, (3, 32, 32), 10).parameters()]
+
+    first, same, other = params(1), params(1), params(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, same))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_resnet20_is_the_classic_size():
+    count = num_params(build_model("resnet20", (3, 32, 32), 10))
+    assert abs(count - 270_000) / 270_000 < 0.10, count  # He et al. 2016: 0.27M
+
+
+def test_vgg11_size():
+    count = num_params(build_model("vgg11", (3, 32, 32), 10))
+    print(f"\nvgg11 (3x32x32, 10 classes): {count:,} parameters")
+    assert count == 9_225_610  # 9,220,480 conv + 512*10+10 classifier
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="logreg, mlp, cnn, resnet20, vgg11"):
+        build_model("resnet50", (3, 32, 32), 10)
+    with pytest.raises(ValueError, match="input_shape"):
+        build_model("mlp", (32, 32), 10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("mlp", (1, 8, 8), 1)
+
+
+def test_mlp_trains_on_digits():
+    ds = load_dataset("digits")
+    x_train = normalize_batch(torch.from_numpy(ds.x_train), ds.mean, ds.std)
+    x_test = normalize_batch(torch.from_numpy(ds.x_test), ds.mean, ds.std)
+    y_train, y_test = torch.from_numpy(ds.y_train), torch.from_numpy(ds.y_test)
+    torch.manual_seed(0)
+    model = build_model("mlp", ds.input_shape, ds.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(5):
+        for batch in torch.randperm(len(y_train), generator=generator).split(32):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x_train[batch]), y_train[batch]).backward()
+            optimizer.step()
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    assert accuracy > 0.9, accuracy
+    assert time.perf_counter() - start < 10
