@@ -96,7 +96,7 @@ class ClassificationProblem:
         self.model.train()
         loss = F.cross_entropy(self.model(x), y)
         grads = torch.autograd.grad(loss, list(self.model.parameters()))
-        return float(loss), torch.cat([g.reshape(-1) for g in grads]).numpy()
+        return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads]).numpy()
 
     @torch.no_grad()
     def evaluate(self, params: np.ndarray, chunk: int = 1000) -> float:

@@ -54,7 +54,7 @@ class Worker:
         The messages are in ``neighbors`` order, one per neighbour.
         """
         if inbox:
-            self.receive(*inbox)
+            self.algorithm.incoming(list(inbox))
         config = self.config
         lr = self.spec.lr_scale * learning_rate(self.step_count, config.lr, self.spec.total_steps,
                                                 config.warmup_steps, tuple(config.decay_at))
