@@ -82,6 +82,14 @@ def add_run_flags(parser: argparse.ArgumentParser, algorithm_flag: bool = True) 
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="test samples per evaluation (default: the whole test set)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: data split, init, batches (default: 0)")
+    parser.add_argument("--cpus-per-worker", type=float, default=None,
+                        help="ray: CPUs reserved per worker actor (default: cluster CPUs / workers, at most 1)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="ray: GPUs per worker actor, e.g. 0.25 (default: 0)")
+    parser.add_argument("--placement", default="spread", choices=("spread", "pack"),
+                        help="ray: spread workers over nodes or pack them (default: spread)")
+    parser.add_argument("--window", type=int, default=4,
+                        help="ray: steps the driver may run ahead of the slowest worker (default: 4)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -99,7 +107,13 @@ def _config_from_args(args: argparse.Namespace, **overrides) -> RunConfig:
     return RunConfig(**fields)
 
 
-def run_config(config: RunConfig, address: str | None = None, progress: bool = True, experiment=None) -> dict:
+def engine_options(args: argparse.Namespace) -> dict:
+    return dict(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                placement=args.placement, window=args.window)
+
+
+def run_config(config: RunConfig, address: str | None = None, progress: bool = True, experiment=None,
+               **options) -> dict:
     """Run one configuration on its backend; returns the summary."""
     if config.backend == "local":
         from relay_ray.simulate import simulate
@@ -107,7 +121,7 @@ def run_config(config: RunConfig, address: str | None = None, progress: bool = T
         return simulate(config, experiment=experiment, progress=progress)
     from relay_ray.engine import run_on_ray
 
-    return run_on_ray(config, address=address, progress=progress, experiment=experiment)
+    return run_on_ray(config, address=address, progress=progress, experiment=experiment, **options)
 
 
 # ------------------------------------------------------------------------- subcommands
@@ -115,7 +129,7 @@ def run_config(config: RunConfig, address: str | None = None, progress: bool = T
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
-    summary = run_config(config, address=args.address, progress=not args.quiet)
+    summary = run_config(config, address=args.address, progress=not args.quiet, **engine_options(args))
     print(json.dumps(summary["final"], indent=2))
     if config.out:
         print(f"wrote {config.out}/config.yaml, metrics.jsonl, summary.json, curves.png", file=sys.stderr)
@@ -174,7 +188,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not algorithms:
         raise UserError("--algorithms needs at least one algorithm")
     configs = [_config_from_args(args, algorithm=a, out=None) for a in algorithms]
-    table = compare(configs, out_dir=args.out, address=args.address, progress=not args.quiet)
+    table = compare(configs, out_dir=args.out, address=args.address, progress=not args.quiet,
+                    **engine_options(args))
     print(table)
     return 0
 
@@ -241,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         parser.exit(2, f"{PROG}: error: {exc}\n")
+    except RuntimeError as exc:
+        if type(exc).__name__ != "WorkerFailure":
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -105,14 +105,26 @@ def connect(address: str | None = None) -> bool:
     return True
 
 
+def _node_cpus() -> list[float]:
+    return [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+
+
+def _bundles_that_fit(cpus: float, node_cpus: list[float]) -> int:
+    """How many worker bundles of ``cpus`` CPUs the nodes can hold (a bundle sits on one node)."""
+    return sum(int(math.floor(c / cpus + 1e-9)) for c in node_cpus)
+
+
 def _cpus_per_worker(config: RunConfig, requested: float | None) -> float:
     if requested is not None:
         if requested <= 0:
             raise UserError(f"--cpus-per-worker must be > 0, got {requested}")
         return requested
-    # Default: share the cluster's CPUs (at most one per worker), rounded down to 1/100 CPU.
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.01, math.floor(min(1.0, total / config.num_workers) * 100) / 100)
+    # Default: the largest share (at most one CPU, in 1/100 steps) at which every worker fits.
+    node_cpus = _node_cpus()
+    share = math.floor(min(1.0, sum(node_cpus) / config.num_workers) * 100)
+    while share > 1 and _bundles_that_fit(share / 100, node_cpus) < config.num_workers:
+        share -= 1
+    return max(share, 1) / 100
 
 
 class RayEngine:
@@ -150,13 +162,24 @@ class RayEngine:
         ]
         self.plan = self.experiment.plan
         self.degrees = [len(n) for n in self.plan.neighbors]
+        # Wait for every actor to be up, so startup (process spawn, torch import, model build) is
+        # not billed to training time, and a worker that cannot start fails here.
+        started = time.perf_counter()
+        try:
+            _fetch_metrics([actor.ping.remote() for actor in self.actors])
+        except RayError as exc:
+            self.shutdown()
+            raise WorkerFailure(f"a worker failed to start: {str(exc).strip().splitlines()[0]}") from None
+        self.startup_s = time.perf_counter() - started
 
     def _check_resources(self) -> None:
         need_cpu = self.cpus * self.config.num_workers
         have = ray.cluster_resources()
-        if need_cpu > have.get("CPU", 0) + 1e-9:
+        node_cpus = _node_cpus()
+        if _bundles_that_fit(self.cpus, node_cpus) < self.config.num_workers:
             raise UserError(f"{self.config.num_workers} workers x {self.cpus} CPU = {need_cpu:g} CPUs, but the cluster "
-                            f"has {have.get('CPU', 0):g}; lower --cpus-per-worker or add nodes")
+                            f"has {have.get('CPU', 0):g} (nodes: {', '.join(f'{c:g}' for c in node_cpus)}) and fits only "
+                            f"{_bundles_that_fit(self.cpus, node_cpus)}; lower --cpus-per-worker or add nodes")
         if self.gpus and self.gpus * self.config.num_workers > have.get("GPU", 0) + 1e-9:
             raise UserError(f"{self.config.num_workers} workers x {self.gpus} GPU exceed the cluster's "
                             f"{have.get('GPU', 0):g} GPUs")
@@ -237,7 +260,7 @@ class RayEngine:
             bar.close()
         summary = summarize(config, recorder.rows, experiment.stats.to_dict(), experiment.lr_scale, total,
                             time.perf_counter() - start, "ray")
-        summary["cpus_per_worker"] = self.cpus
+        summary.update(cpus_per_worker=self.cpus, startup_s=self.startup_s, window=self.window)
         recorder.finish(summary)
         return summary
 

@@ -1,0 +1,86 @@
+"""`relay-ray compare`: several algorithms on the same data split and seed, one table, one plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from relay_ray.config import RunConfig
+from relay_ray.experiment import build_experiment
+from relay_ray.metrics import plot_curves
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and (abs(value) < 1e-3 or abs(value) >= 1e5) and value != 0:
+        return f"{value:.2e}"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(summaries: dict[str, dict]) -> str:
+    """Final worst/mean/averaged-model accuracy (or suboptimality), consensus, wall time, bytes."""
+    first = next(iter(summaries.values()))["final"]
+    quality = (["worst-worker acc", "mean acc", "avg-model acc"] if first.get("test_acc_mean") is not None
+               else ["worst suboptimality", "mean suboptimality", "avg-model suboptimality"])
+    header = ["algorithm", "topology / tree", *quality, "consensus dist.", "wall s", "MB sent / worker"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, summary in summaries.items():
+        final = summary["final"]
+        if final.get("test_acc_mean") is not None:
+            values = [final["test_acc_worst"], final["test_acc_mean"], final["test_acc_avg_model"]]
+        else:
+            values = [final["suboptimality_worst"], final["suboptimality_mean"], final["suboptimality"]]
+        lines.append("| " + " | ".join([
+            label, summary["layout"], *(_fmt(v) for v in values), _fmt(final["consensus_distance"]),
+            f"{summary['wall_s']:.1f}", f"{final['bytes_sent_per_worker'] / 1e6:.2f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def _layout(config: RunConfig) -> str:
+    if config.algorithm == "allreduce":
+        return "complete (exact)"
+    if config.uses_trees:
+        return f"{config.topology or 'any link'} / {config.tree}"
+    return config.topology or config.topology_file or "ring"
+
+
+def compare(configs: list[RunConfig], out_dir: str | None, address: str | None = None, progress: bool = True,
+            **engine_options) -> str:
+    """Run every config (same data, split and seed) and return the Markdown table."""
+    from relay_ray.cli import run_config
+
+    experiments = [build_experiment(configs[0])]  # validates + loads data once
+    for config in configs[1:]:  # every user error surfaces before the first run starts
+        experiments.append(build_experiment(config, task_data=experiments[0].task_data))
+    out = Path(out_dir) if out_dir else None
+    started_ray = False
+    if configs[0].backend == "ray":
+        from relay_ray.engine import connect
+
+        started_ray = connect(address)
+    summaries, rows = {}, {}
+    try:
+        for config, experiment in zip(configs, experiments):
+            if out is not None:
+                config.out = str(out / config.algorithm)
+            summary = run_config(config, address=address, progress=progress, experiment=experiment, **engine_options)
+            summary["layout"] = _layout(config)
+            summaries[config.algorithm] = summary
+            if config.out:
+                import json
+
+                rows[config.algorithm] = [json.loads(line) for line in
+                                          Path(config.out, "metrics.jsonl").read_text().splitlines()]
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    table = markdown_table(summaries)
+    if out is not None:
+        (out / "compare.md").write_text(table + "\n")
+        base = configs[0]
+        plot_curves(rows, out / "compare.png",
+                    title=f"{base.dataset}, {base.num_workers} workers, alpha={base.alpha}")
+    return table
