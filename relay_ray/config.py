@@ -23,11 +23,21 @@ TASK_DEFAULTS = {
     "quadratics": dict(model="linear", lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=1, steps=3000,
                        eval_every=100),
     "digits": dict(model="mlp", lr=0.05, momentum=0.9, weight_decay=1e-4, batch_size=32, epochs=30,
-                   eval_every=50),
+                   eval_every=10),
     "mnist": dict(model="cnn", lr=0.05, momentum=0.9, weight_decay=1e-4, batch_size=32, epochs=5,
                   eval_every=100),
     "cifar10": dict(model="resnet20", lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=32, epochs=20,
                     eval_every=200),
+}
+
+DATA_HINTS = {
+    "cifar10": "put CIFAR-10 there (a torchvision root with cifar-10-batches-py/, an ImageFolder tree "
+               "train/<class>/*.jpg + test/<class>/*.jpg, or its .tar.gz), or drop --data-dir on a machine with "
+               "internet to download it with torchvision into ~/.cache/relay_ray/data",
+    "mnist": "put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+             "t10k-labels-idx1-ubyte.gz there, or drop --data-dir on a machine with internet to download them",
+    "digits": "digits ships with scikit-learn and needs no --data-dir",
+    "quadratics": "the quadratics task is synthetic and needs no --data-dir",
 }
 
 
@@ -116,10 +126,7 @@ class RunConfig:
         if self.model is not None and self.dataset != "quadratics":
             _choice("model", self.model, MODELS)
         if self.data_dir is not None and not Path(self.data_dir).exists():
-            raise UserError(
-                f"--data-dir {self.data_dir} does not exist; point it at the dataset "
-                "(see `relay-ray run --help` for the layouts each dataset accepts)"
-            )
+            raise UserError(f"--data-dir {self.data_dir} does not exist; {DATA_HINTS.get(self.dataset, '')}")
 
     def _resolve_num_workers(self) -> None:
         if self.topology_file is not None:

@@ -113,7 +113,9 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
             axes[0].semilogy(steps, [max(r["suboptimality"], 1e-16) for r in rows], label=label)
             axes[0].set_ylabel("suboptimality F(x̄) − F*")
         axes[1].plot(steps, [r["train_loss"] for r in rows], label=label)
-        axes[2].semilogy(steps, [max(r["consensus_distance"], 1e-16) for r in rows], label=label)
+        # exact averaging has zero consensus distance: leave it off the log axis instead of faking a floor
+        axes[2].semilogy(steps, [r["consensus_distance"] if r["consensus_distance"] > 0 else np.nan for r in rows],
+                         label=label)
     axes[1].set_ylabel("train loss")
     axes[2].set_ylabel("consensus distance")
     for ax in axes:
