@@ -112,3 +112,24 @@ def test_too_many_cpus_is_a_clear_error(ray_local):
     config = _config("dsgd", dict(topology="ring"))
     with pytest.raises(ValueError, match=r"8 workers x 2.0 CPU = 16 CPUs, but the cluster has 4"):
         RayEngine(config, build_experiment(config), cpus_per_worker=2.0)
+
+
+def test_dead_actor_through_the_cli_exits_1_with_one_line(ray_local, monkeypatch, capsys, tmp_path):
+    """`relay-ray run` on the attached Ray: an actor killed mid-run is one error line, exit code 1."""
+    from relay_ray import cli
+
+    submit = RayEngine._submit_step
+    calls = {"n": 0}
+
+    def killing_submit(self, outboxes):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            ray_local.kill(self.actors[5])
+        return submit(self, outboxes)
+
+    monkeypatch.setattr(RayEngine, "_submit_step", killing_submit)
+    code = cli.main(["run", "--dataset", "digits", "--workers", "8", "--model", "logreg", "--steps", "100",
+                     "--eval-every", "50", "--quiet", "--out", str(tmp_path / "run")])
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("relay-ray")]
+    assert code == 1
+    assert len(err_lines) == 1 and err_lines[0].startswith("relay-ray: error: worker 5 died"), err_lines
