@@ -51,6 +51,9 @@ class Experiment:
 def build_topology(config: RunConfig) -> tuple[nx.Graph, list[nx.Graph]]:
     """The graph and relay tree(s); without --topology, relay algorithms may use any link."""
     n = config.num_workers
+    if config.algorithm == "allreduce":  # exact averaging: every worker hears every other
+        graph = nx.complete_graph(n)
+        return graph, spanning_trees("bfs", graph)
     if config.topology_file is not None or config.topology is not None:
         graph = make_graph(config.topology or "file", n, config.topology_file)
         return graph, spanning_trees(config.tree, graph, graph_given=True)

@@ -7,6 +7,7 @@ a *graph*; relay algorithms talk over the edges of one or two spanning *trees* o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def read_edge_list(path: str, num_workers: int | None = None) -> nx.Graph:
         if not line:
             continue
         fields = line.split()
-        if len(fields) != 2 or not all(f.lstrip("-").isdigit() for f in fields):
+        if len(fields) != 2 or not all(re.fullmatch(r"-?[0-9]+", f) for f in fields):
             raise UserError(f"{path}:{lineno}: malformed edge line {raw.strip()!r}; expected two node ids 'u v'")
         u, v = int(fields[0]), int(fields[1])
         if u == v:

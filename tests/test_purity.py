@@ -1,0 +1,59 @@
+"""The pure modules never import Ray: the simulator, the algorithms and the worker run without it.
+
+Each module is imported in its own fresh interpreter (a module imported earlier in the test
+session would hide the leak); the subprocesses run a few at a time in a module fixture.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+PURE_MODULES = [
+    "relay_ray.topology",
+    "relay_ray.algorithms",
+    "relay_ray.data",
+    "relay_ray.models",
+    "relay_ray.optim",
+    "relay_ray.metrics",
+    "relay_ray.simulate",
+    "relay_ray.quadratics",
+    "relay_ray.problems",
+    "relay_ray.experiment",
+    "relay_ray.worker",
+    "relay_ray.config",
+]
+
+
+def _import_in_fresh_interpreter(module: str) -> subprocess.CompletedProcess:
+    code = (
+        "import importlib, sys\n"
+        f"importlib.import_module({module!r})\n"
+        "leaked = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+        "print('LEAKED' if leaked else 'CLEAN', *leaked[:5])\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def imports() -> dict[str, subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(PURE_MODULES, pool.map(_import_in_fresh_interpreter, PURE_MODULES)))
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_module_does_not_import_ray(module, imports):
+    result = imports[module]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "CLEAN", f"{module} imports ray: {result.stdout.strip()}"
+
+
+def test_the_check_detects_ray():
+    """The probe itself can fail: importing ray in the child is reported."""
+    pytest.importorskip("ray")
+    result = _import_in_fresh_interpreter("ray")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("LEAKED")
