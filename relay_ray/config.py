@@ -152,12 +152,13 @@ class RunConfig:
         return self.algorithm in TREE_ALGORITHMS
 
     def lr_scale(self, auto_value: float) -> float:
-        """The factor applied to --lr: RelaySGD's tree correction (auto), 1 (none) or a given number."""
-        if self.lr_correction == "none" or self.algorithm != "relaysgd":
-            return 1.0 if self.lr_correction in ("auto", "none") else float(self.lr_correction)
-        if self.lr_correction == "auto":
-            return auto_value
-        return float(self.lr_correction)
+        """The factor applied to --lr for RelaySGD: the tree's correction (auto), 1 (none) or a number.
+
+        Other algorithms need no correction (their averaging is not damped by x0 fill-in): 1.
+        """
+        if self.algorithm != "relaysgd" or self.lr_correction == "none":
+            return 1.0
+        return auto_value if self.lr_correction == "auto" else float(self.lr_correction)
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict:

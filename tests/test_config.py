@@ -1,0 +1,34 @@
+import math
+
+import pytest
+
+from relay_ray.config import RunConfig
+from relay_ray.errors import UserError
+
+
+def test_lr_correction_applies_to_relaysgd_only():
+    assert RunConfig(algorithm="relaysgd", backend="local").lr_scale(5.375) == 5.375
+    assert RunConfig(algorithm="relaysgd", lr_correction="2.5", backend="local").lr_scale(5.375) == 2.5
+    assert RunConfig(algorithm="relaysgd", lr_correction="none", backend="local").lr_scale(5.375) == 1.0
+    assert RunConfig(algorithm="dsgd", lr_correction="2.5", backend="local").lr_scale(5.375) == 1.0
+
+
+def test_task_defaults_fill_unset_fields_only():
+    config = RunConfig(dataset="digits", lr=0.2, backend="local")
+    assert config.lr == 0.2 and config.model == "mlp" and config.epochs == 30 and config.steps is None
+    quad = RunConfig(dataset="quadratics", backend="local")
+    assert quad.steps == 3000 and quad.momentum == 0.0 and quad.num_workers == 16
+    assert RunConfig(topology="social", backend="local").num_workers == 32
+
+
+def test_yaml_round_trip_keeps_inf_alpha(tmp_path):
+    config = RunConfig(alpha=math.inf, decay_at=[0.75, 0.9], backend="local")
+    config.dump(tmp_path / "c.yaml")
+    loaded = RunConfig.load(tmp_path / "c.yaml")
+    assert loaded == config and math.isinf(loaded.alpha)
+
+
+def test_unknown_yaml_key_is_a_user_error(tmp_path):
+    (tmp_path / "c.yaml").write_text("algorithm: relaysgd\nlearning_rate: 0.1\n")
+    with pytest.raises(UserError, match="unknown run setting\\(s\\): learning_rate"):
+        RunConfig.load(tmp_path / "c.yaml")
