@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from relay_ray.config import RunConfig
-from relay_ray.engine import RayEngine, WorkerFailure, run_on_ray
+from relay_ray.engine import RayEngine, WorkerFailure
 from relay_ray.experiment import build_experiment
 from relay_ray.simulate import simulate
 
