@@ -171,7 +171,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     dataset = load_dataset(config.dataset, config.data_dir)
     shards = dirichlet_partition(dataset.y_train, config.num_workers, config.alpha, config.seed)
     hist = label_histograms(dataset.y_train, shards, dataset.num_classes)
-    print(f"worker  size  classes  " + " ".join(f"{c:>5d}" for c in range(dataset.num_classes)))
+    print("worker  size  classes  " + " ".join(f"{c:>5d}" for c in range(dataset.num_classes)))
     for rank, row in enumerate(hist):
         print(f"{rank:>6d} {row.sum():>5d} {int((row > 0).sum()):>8d}  " + " ".join(f"{v:>5d}" for v in row))
     if args.plot:
