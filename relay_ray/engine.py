@@ -258,9 +258,8 @@ class RayEngine:
                     bar.report(row)
         finally:
             bar.close()
-        summary = summarize(config, recorder.rows, experiment.stats.to_dict(), experiment.lr_scale, total,
-                            time.perf_counter() - start, "ray")
-        summary.update(cpus_per_worker=self.cpus, startup_s=self.startup_s, window=self.window)
+        summary = summarize(experiment, recorder.rows, time.perf_counter() - start, "ray", cpus_per_worker=self.cpus,
+                            startup_s=self.startup_s, window=self.window)
         recorder.finish(summary)
         return summary
 

@@ -160,19 +160,21 @@ class Progress:
             self.bar.close()
 
 
-def summarize(config: RunConfig, rows: list[dict], stats: dict, lr_scale: float, total_steps: int,
-              wall_s: float, backend: str) -> dict:
+def summarize(experiment, rows: list[dict], wall_s: float, backend: str, **extra) -> dict:
+    """summary.json: the final evaluation, the run's shape and the topology statistics."""
+    config = experiment.config
     final = rows[-1] if rows else {}
     return {
         "algorithm": config.algorithm,
         "dataset": config.dataset,
         "num_workers": config.num_workers,
         "backend": backend,
-        "steps": total_steps,
+        "steps": experiment.total_steps,
         "lr": config.lr,
-        "lr_scale": lr_scale,
-        "topology": {k: v for k, v in stats.items() if k not in ("tree_edges", "graph_edges")},
+        "lr_scale": experiment.lr_scale,
+        "topology": {k: v for k, v in experiment.stats.to_dict().items() if k not in ("tree_edges", "graph_edges")},
         "wall_s": wall_s,
         "final": final,
         "nan_detected": any(isinstance(v, float) and math.isnan(v) for v in final.values()),
+        **extra,
     }

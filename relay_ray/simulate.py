@@ -51,7 +51,6 @@ def simulate(config: RunConfig, experiment: Experiment | None = None, progress: 
                 bar.report(row)
     finally:
         bar.close()
-    summary = summarize(config, recorder.rows, experiment.stats.to_dict(), experiment.lr_scale, total,
-                        time.perf_counter() - start, "local")
+    summary = summarize(experiment, recorder.rows, time.perf_counter() - start, "local")
     recorder.finish(summary)
     return summary
