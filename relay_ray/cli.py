@@ -12,7 +12,7 @@ import sys
 
 from relay_ray.algorithms import ALGORITHMS
 from relay_ray.config import BACKENDS, TASKS, RunConfig
-from relay_ray.errors import UserError
+from relay_ray.errors import UserError, WorkerFailure
 from relay_ray.models import MODELS
 from relay_ray.topology import GRAPHS, TREES
 
@@ -255,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         parser.exit(2, f"{PROG}: error: {exc}\n")
-    except RuntimeError as exc:
-        if type(exc).__name__ != "WorkerFailure":
-            raise
+    except WorkerFailure as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

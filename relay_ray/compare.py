@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from relay_ray.config import RunConfig
@@ -68,8 +69,6 @@ def compare(configs: list[RunConfig], out_dir: str | None, address: str | None =
             summary["layout"] = _layout(config)
             summaries[config.algorithm] = summary
             if config.out:
-                import json
-
                 rows[config.algorithm] = [json.loads(line) for line in
                                           Path(config.out, "metrics.jsonl").read_text().splitlines()]
     finally:

@@ -14,6 +14,7 @@ evaluations.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import time
@@ -25,7 +26,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from relay_ray.config import RunConfig
-from relay_ray.errors import UserError
+from relay_ray.errors import UserError, WorkerFailure
 from relay_ray.experiment import Experiment, build_experiment
 from relay_ray.metrics import Progress, RunRecorder, consensus_distance, eval_row, summarize
 from relay_ray.worker import Worker
@@ -34,31 +35,30 @@ DEFAULT_WINDOW = 4
 PLACEMENT_TIMEOUT_S = 60.0
 
 
-class WorkerFailure(RuntimeError):
-    """A worker actor (or its node) died mid-run."""
-
-
 class RayWorker(Worker):
     """``Worker`` with object-store plumbing: messages in and out are refs, so bulk data moves
     worker-to-worker through the object store and the driver only ever sees refs."""
 
     failure: str | None = None
 
-    def step(self, *inbox_refs):  # type: ignore[override]
+    @contextlib.contextmanager
+    def _remember_failure(self):
+        """A failed step is remembered so the next evaluation names this worker."""
         try:
-            inbox = ray.get(list(inbox_refs)) if inbox_refs else []
-            refs = tuple(ray.put(m) for m in super().step(*inbox))
-        except Exception as exc:  # remembered so the next evaluation names this worker
-            self.failure = self.failure or f"step {self.step_count}: {type(exc).__name__}: {exc}"
-            raise
-        return refs if len(refs) > 1 else refs[0]
-
-    def receive(self, *inbox_refs) -> None:  # type: ignore[override]
-        try:
-            super().receive(*ray.get(list(inbox_refs)))
+            yield
         except Exception as exc:
             self.failure = self.failure or f"step {self.step_count}: {type(exc).__name__}: {exc}"
             raise
+
+    def step(self, *inbox_refs):  # type: ignore[override]
+        with self._remember_failure():
+            inbox = ray.get(list(inbox_refs)) if inbox_refs else []
+            refs = tuple(ray.put(m) for m in super().step(*inbox))
+        return refs if len(refs) > 1 else refs[0]
+
+    def receive(self, *inbox_refs) -> None:  # type: ignore[override]
+        with self._remember_failure():
+            super().receive(*ray.get(list(inbox_refs)))
 
     def evaluate(self) -> dict:
         if self.failure is not None:
@@ -190,11 +190,8 @@ class RayEngine:
         remove_placement_group(self.pg)
 
     # ---------------------------------------------------------------- dataflow
-    def _route(self, outboxes: list[list]) -> list[list]:
-        return [[outboxes[j][index] for j, index in self.plan.inbox_order(i)] for i in range(self.plan.num_workers)]
-
     def _submit_step(self, outboxes: list[list] | None) -> list[list]:
-        inboxes = self._route(outboxes) if outboxes is not None else [[] for _ in self.actors]
+        inboxes = self.plan.route(outboxes) if outboxes is not None else [[] for _ in self.actors]
         new = []
         for actor, inbox, degree in zip(self.actors, inboxes, self.degrees):
             refs = actor.step.options(num_returns=degree).remote(*inbox)
@@ -202,7 +199,7 @@ class RayEngine:
         return new
 
     def _evaluate(self, outboxes: list[list], step: int, wall_start: float) -> dict:
-        for actor, inbox in zip(self.actors, self._route(outboxes)):
+        for actor, inbox in zip(self.actors, self.plan.route(outboxes)):
             actor.receive.remote(*inbox)
         metric_refs = [actor.evaluate.remote() for actor in self.actors]
         param_refs = [actor.params_ref.remote() for actor in self.actors]
@@ -226,7 +223,7 @@ class RayEngine:
         ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=30)
         for ref in ready:
             try:
-                ray.get(ref)
+                _fetch_metrics(ref)
             except RayError:
                 dead.append(pings[ref])
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

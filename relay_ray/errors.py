@@ -7,3 +7,7 @@ class UserError(ValueError):
 
 class DataError(UserError):
     """Data that is missing or unreadable; the message says where data goes."""
+
+
+class WorkerFailure(RuntimeError):
+    """A worker actor (or its node) died mid-run: not the user's mistake, but one clear line."""

@@ -13,12 +13,6 @@ from relay_ray.metrics import Progress, RunRecorder, consensus_distance, eval_ro
 from relay_ray.worker import Worker
 
 
-def route(experiment: Experiment, outboxes: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
-    """inbox of i = [message from j to i for j in neighbours(i)]."""
-    plan = experiment.plan
-    return [[outboxes[j][index] for j, index in plan.inbox_order(i)] for i in range(plan.num_workers)]
-
-
 def evaluate(workers: list[Worker], metric: str, step: int, wall_s: float) -> dict:
     per_worker = [w.evaluate() for w in workers]
     params = [w.params() for w in workers]
@@ -39,11 +33,11 @@ def simulate(config: RunConfig, experiment: Experiment | None = None, progress: 
     outboxes = None
     try:
         for step in range(total):
-            inboxes = route(experiment, outboxes) if outboxes is not None else [[] for _ in workers]
+            inboxes = experiment.plan.route(outboxes) if outboxes is not None else [[] for _ in workers]
             outboxes = [w.step(*inbox) for w, inbox in zip(workers, inboxes)]
             bar.advance()
             if (step + 1) % config.eval_every == 0 or step + 1 == total:
-                for w, inbox in zip(workers, route(experiment, outboxes)):
+                for w, inbox in zip(workers, experiment.plan.route(outboxes)):
                     w.receive(*inbox)
                 outboxes = None
                 row = evaluate(workers, metric, step + 1, time.perf_counter() - start)

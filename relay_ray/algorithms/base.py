@@ -34,6 +34,13 @@ class CommPlan:
         """For each neighbour j of ``rank``: (j, index of ``rank`` among j's neighbours)."""
         return [(j, self.neighbors[j].index(rank)) for j in self.neighbors[rank]]
 
+    def route(self, outboxes: list[list]) -> list[list]:
+        """Inboxes from outboxes: inbox of i = [message from j to i for j in neighbours(i)].
+
+        Works on messages and on refs to them alike (the simulator and the Ray driver share it).
+        """
+        return [[outboxes[j][index] for j, index in self.inbox_order(i)] for i in range(self.num_workers)]
+
     @staticmethod
     def for_trees(trees: list[nx.Graph]) -> "CommPlan":
         n = trees[0].number_of_nodes()
