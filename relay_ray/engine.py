@@ -131,7 +131,10 @@ class RayEngine:
     """Builds the actors for one run and drives the dataflow."""
 
     def __init__(self, config: RunConfig, experiment: Experiment | None = None, window: int = DEFAULT_WINDOW,
-                 cpus_per_worker: float | None = None, gpus_per_worker: float = 0.0, placement: str = "spread"):
+                 cpus_per_worker: float | None = None, gpus_per_worker: float = 0.0, placement: str = "spread",
+                 placement_group=None, first_bundle: int = 0):
+        """``placement_group``: reserve nothing and put worker ``rank`` in bundle ``first_bundle + rank`` of
+        this existing group instead (a Tune trial's, whose bundle 0 holds the trial's driver)."""
         if window < 1:
             raise UserError(f"--window must be >= 1, got {window}")
         if placement not in ("spread", "pack"):
@@ -141,22 +144,18 @@ class RayEngine:
         self.window = window
         self.cpus = _cpus_per_worker(config, cpus_per_worker)
         self.gpus = gpus_per_worker
-        self._check_resources()
-        bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
-        self.pg = placement_group([bundle] * config.num_workers, strategy=placement.upper())
-        try:
-            _fetch_metrics(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except GetTimeoutError:
-            remove_placement_group(self.pg)
-            raise UserError(f"the cluster could not place {config.num_workers} workers x {bundle} within "
-                            f"{PLACEMENT_TIMEOUT_S:.0f}s; available: {ray.available_resources()}") from None
+        self.owns_pg = placement_group is None
+        if self.owns_pg:
+            self.pg, self.first_bundle = self._reserve(placement), 0
+        else:
+            self.pg, self.first_bundle = placement_group, first_bundle
         data_ref = ray.put(self.experiment.task_data)  # once; actors read it zero-copy
         threads = max(1, int(self.cpus))
         self.actors = [
             RemoteWorker.options(
                 num_cpus=self.cpus, num_gpus=self.gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self.pg,
-                                                                     placement_group_bundle_index=rank),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=self.first_bundle + rank),
             ).remote(self.experiment.worker_spec(rank), data_ref, threads)
             for rank in range(config.num_workers)
         ]
@@ -171,6 +170,18 @@ class RayEngine:
             self.shutdown()
             raise WorkerFailure(f"a worker failed to start: {str(exc).strip().splitlines()[0]}") from None
         self.startup_s = time.perf_counter() - started
+
+    def _reserve(self, placement: str):
+        self._check_resources()
+        bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+        pg = placement_group([bundle] * self.config.num_workers, strategy=placement.upper())
+        try:
+            _fetch_metrics(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            remove_placement_group(pg)
+            raise UserError(f"the cluster could not place {self.config.num_workers} workers x {bundle} within "
+                            f"{PLACEMENT_TIMEOUT_S:.0f}s; available: {ray.available_resources()}") from None
+        return pg
 
     def _check_resources(self) -> None:
         need_cpu = self.cpus * self.config.num_workers
@@ -187,7 +198,8 @@ class RayEngine:
     def shutdown(self) -> None:
         for actor in getattr(self, "actors", []):
             ray.kill(actor)
-        remove_placement_group(self.pg)
+        if self.owns_pg:
+            remove_placement_group(self.pg)
 
     # ---------------------------------------------------------------- dataflow
     def _submit_step(self, outboxes: list[list] | None) -> list[list]:
