@@ -99,7 +99,7 @@ def connect(address: str | None = None) -> bool:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(include_dashboard=False, **kwargs)
+            ray.init(address="local", include_dashboard=False, **kwargs)  # never a `ray start` cluster by accident
     except ConnectionError as exc:
         raise UserError(f"cannot connect to Ray at {address}: {exc}") from None
     return True
