@@ -151,14 +151,7 @@ class RayEngine:
             self.pg, self.first_bundle = placement_group, first_bundle
         data_ref = ray.put(self.experiment.task_data)  # once; actors read it zero-copy
         threads = max(1, int(self.cpus))
-        self.actors = [
-            RemoteWorker.options(
-                num_cpus=self.cpus, num_gpus=self.gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=self.first_bundle + rank),
-            ).remote(self.experiment.worker_spec(rank), data_ref, threads)
-            for rank in range(config.num_workers)
-        ]
+        self.actors = self._spawn_actors(data_ref, threads)
         self.plan = self.experiment.plan
         self.degrees = [len(n) for n in self.plan.neighbors]
         # Wait for every actor to be up, so startup (process spawn, torch import, model build) is
@@ -170,6 +163,17 @@ class RayEngine:
             self.shutdown()
             raise WorkerFailure(f"a worker failed to start: {str(exc).strip().splitlines()[0]}") from None
         self.startup_s = time.perf_counter() - started
+
+    def _spawn_actors(self, data_ref, threads: int) -> list:
+        """One actor per worker, worker ``rank`` in bundle ``first_bundle + rank`` (packing overrides this)."""
+        return [
+            RemoteWorker.options(
+                num_cpus=self.cpus, num_gpus=self.gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=self.first_bundle + rank),
+            ).remote(self.experiment.worker_spec(rank), data_ref, threads)
+            for rank in range(self.config.num_workers)
+        ]
 
     def _reserve(self, placement: str):
         self._check_resources()
