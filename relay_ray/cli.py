@@ -89,6 +89,9 @@ def add_run_flags(parser: argparse.ArgumentParser, algorithm_flag: bool = True) 
                         help="ray: spread workers over nodes or pack them (default: spread)")
     parser.add_argument("--window", type=int, default=4,
                         help="ray: steps the driver may run ahead of the slowest worker (default: 4)")
+    parser.add_argument("--workers-per-actor", type=int, default=1, metavar="K",
+                        help="ray: pack K workers into one actor; messages between them stay in process "
+                             "(default: 1, one actor per worker)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -108,7 +111,7 @@ def _config_from_args(args: argparse.Namespace, **overrides) -> RunConfig:
 
 def engine_options(args: argparse.Namespace) -> dict:
     return dict(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                placement=args.placement, window=args.window)
+                placement=args.placement, window=args.window, workers_per_actor=args.workers_per_actor)
 
 
 def run_config(config: RunConfig, address: str | None = None, progress: bool = True, experiment=None,

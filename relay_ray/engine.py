@@ -287,7 +287,9 @@ def run_on_ray(config: RunConfig, address: str | None = None, progress: bool = T
     started = connect(address)
     engine = None
     try:
-        engine = RayEngine(config, experiment, **engine_options)
+        from relay_ray.packing import make_engine  # packing subclasses RayEngine: imported late
+
+        engine = make_engine(config, experiment, **engine_options)
         return engine.run(progress=progress)
     finally:
         if engine is not None:
