@@ -1,4 +1,4 @@
-"""`relay-ray`: run, compare, topology and partition from the command line.
+"""`relay-ray`: run, compare, tune, topology and partition from the command line.
 
 User mistakes (bad flags, missing data, bad files) exit with code 2 and one line
 ``relay-ray: error: ...``; no traceback.
@@ -196,6 +196,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from relay_ray.tune import run_sweep
+
+    table = run_sweep(args.sweep_file, out=args.out, address=args.address, resume=args.resume,
+                      storage=args.storage, verbose=0 if args.quiet else 1)
+    print(table)
+    print(f"wrote {args.out}/results.csv, best.md, sweep.png", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------- parser
 
 
@@ -225,6 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(comp, algorithm_flag=False)
     comp.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
     comp.set_defaults(func=cmd_compare)
+
+    sweep = sub.add_parser("tune", help="Ray Tune sweep over hyper-parameters, topologies, trees, heterogeneity",
+                           description="Run the sweep in FILE.yaml (see tune_configs/) with Ray Tune; each trial is "
+                           "one run with its workers in the trial's placement group. Writes OUT/results.csv, "
+                           "OUT/best.md (best trial per algorithm x topology x alpha), OUT/sweep.png and prints "
+                           "the table.")
+    sweep.add_argument("sweep_file", metavar="FILE.yaml", help="sweep file: base:, search:, metric:, mode:, ...")
+    sweep.add_argument("--out", default="runs/sweep", help="output directory (default: runs/sweep)")
+    sweep.add_argument("--address", default=None,
+                       help="Ray cluster address ('auto' or host:port); default: RAY_ADDRESS, else embedded local Ray")
+    sweep.add_argument("--storage", default=None, metavar="PATH",
+                       help="Tune storage path (shared on a cluster: NFS path or s3://...); default: OUT")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue an interrupted sweep in OUT; finished trials are not re-run")
+    sweep.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+    sweep.set_defaults(func=cmd_tune)
 
     topo = sub.add_parser("topology", help="statistics and a drawing of a topology and its spanning tree(s)",
                           description="Print diameter, max degree, spectral gap and RelaySGD's lr correction.")

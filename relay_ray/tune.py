@@ -1,0 +1,266 @@
+"""Ray Tune sweeps: one trial = one engine run inside the trial's own placement group.
+
+The trial reserves ``[driver bundle] + [worker bundle] * num_workers`` (``PlacementGroupFactory``);
+its workers go into bundles 1..n, so trials never compete for each other's CPUs and a trial never
+waits for resources outside its reservation.  Each evaluation is reported with ``ray.tune.report``.
+The sweep directory ``OUT`` holds Tune's experiment (``OUT/<name>``, restorable with ``--resume``),
+``sweep.yaml`` (the validated sweep), ``results.csv``, ``best.md`` and ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+
+from relay_ray.config import RunConfig
+from relay_ray.engine import RayEngine, connect
+from relay_ray.errors import UserError
+from relay_ray.sweep import Sweep, load_sweep, parse_sweep
+
+CONFIG_PREFIX = "config/"
+GROUP_KEYS = ("algorithm", "topology", "alpha")
+
+
+def _domain(spec: dict):
+    (kind, values), = spec.items()
+    if kind == "grid_search":
+        return tune.grid_search(values)
+    if kind == "choice":
+        return tune.choice(values)
+    return getattr(tune, kind)(*values)
+
+
+def param_space(sweep: Sweep) -> dict:
+    return {**sweep.base, **{key: _domain(spec) for key, spec in sweep.search.items()}}
+
+
+class _TrialEngine(RayEngine):
+    """The engine, reporting every evaluation to Tune."""
+
+    def _evaluate(self, *args, **kwargs) -> dict:
+        row = super()._evaluate(*args, **kwargs)
+        tune.report({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
+        return row
+
+
+def train_trial(settings: dict, cpus_per_worker: float, gpus_per_worker: float, window: int) -> None:
+    """Tune's function trainable: build the run from the trial's settings and drive it."""
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    config = RunConfig.from_dict({**settings, "backend": "ray", "out": str(trial_dir / "run")})
+    engine = _TrialEngine(config, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, window=window,
+                          placement_group=ray.util.get_current_placement_group(), first_bundle=1)
+    try:
+        engine.run(progress=False)
+    finally:
+        engine.shutdown()
+
+
+def _trainable(sweep: Sweep):
+    def resources(settings: dict) -> tune.PlacementGroupFactory:
+        num_workers = RunConfig.from_dict({**settings, "backend": "local"}).num_workers
+        return tune.PlacementGroupFactory(sweep.trial_bundles(num_workers), strategy="PACK")
+
+    trainable = tune.with_parameters(train_trial, cpus_per_worker=sweep.cpus_per_worker,
+                                     gpus_per_worker=sweep.gpus_per_worker, window=sweep.window)
+    return tune.with_resources(trainable, resources)
+
+
+def check_resources(sweep: Sweep) -> None:
+    """Fail before the sweep starts if its largest trial cannot fit in the cluster (Tune would wait forever)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total_cpu = sum(r.get("CPU", 0.0) for r in nodes)
+    total_gpu = sum(r.get("GPU", 0.0) for r in nodes)
+    largest_cpu = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
+    for n in sweep.candidate_worker_counts():
+        bundles = sweep.trial_bundles(n)
+        need_cpu = sum(b["CPU"] for b in bundles)
+        need_gpu = sum(b.get("GPU", 0.0) for b in bundles)
+        shape = (f"driver {sweep.driver_cpus:g} + {n} workers x {sweep.cpus_per_worker:g} CPU = {need_cpu:g} CPUs")
+        if need_cpu > total_cpu + 1e-9:
+            raise UserError(f"a trial with {n} workers needs {shape}, but the cluster has {total_cpu:g} CPUs "
+                            f"({need_cpu - total_cpu:g} short); lower resources.cpus_per_worker in the sweep file "
+                            "or add nodes")
+        if need_gpu > total_gpu + 1e-9:
+            raise UserError(f"a trial with {n} workers needs {need_gpu:g} GPUs, but the cluster has {total_gpu:g}")
+        if max(sweep.cpus_per_worker, sweep.driver_cpus) > largest_cpu + 1e-9:
+            raise UserError(f"a bundle of {max(sweep.cpus_per_worker, sweep.driver_cpus):g} CPUs fits on no node "
+                            f"(largest node has {largest_cpu:g})")
+
+
+def _scheduler(sweep: Sweep):
+    if sweep.scheduler["type"] == "asha":
+        options = {k: v for k, v in sweep.scheduler.items() if k != "type"}
+        return tune.schedulers.ASHAScheduler(time_attr="training_iteration", **options)
+    return None
+
+
+def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = None, resume: bool = False,
+              storage: str | None = None, verbose: int = 1) -> str:
+    """Run (or resume) a sweep; writes results.csv, best.md and sweep.png into ``out``; returns best.md's table."""
+    out = Path(out).resolve()
+    saved = out / "sweep.yaml"
+    sweep = load_sweep(sweep_file)
+    if resume:
+        if not saved.exists():
+            raise UserError(f"--resume: {out} holds no sweep (no sweep.yaml); run it once without --resume")
+        if parse_sweep(yaml.safe_load(saved.read_text()), saved).to_dict() != sweep.to_dict():
+            raise UserError(f"{sweep_file} differs from the sweep being resumed ({saved}); resume with the same file")
+    elif saved.exists():
+        raise UserError(f"{out} already holds a sweep; pass --resume to continue it, or choose another --out")
+    storage_path = storage or str(out)
+    experiment_path = f"{storage_path.rstrip('/')}/{sweep.name}"
+
+    started = connect(address)
+    try:
+        check_resources(sweep)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            if not tune.Tuner.can_restore(experiment_path):
+                raise UserError(f"--resume: no restorable Tune experiment at {experiment_path}")
+            print(f"relay-ray tune: resuming {experiment_path}", file=sys.stderr)
+            tuner = tune.Tuner.restore(experiment_path, trainable=_trainable(sweep), resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            saved.write_text(yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+            tuner = tune.Tuner(
+                _trainable(sweep),
+                param_space=param_space(sweep),
+                tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                                            scheduler=_scheduler(sweep),
+                                            max_concurrent_trials=sweep.max_concurrent_trials),
+                run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, verbose=verbose,
+                                          failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                          # each trial's run files (metrics.jsonl, curves.png) reach the storage
+                                          sync_config=tune.SyncConfig(sync_artifacts=True)),
+            )
+        grid = tuner.fit()
+        frame = results_frame(grid.get_dataframe(), sweep)
+    finally:
+        if started:
+            ray.shutdown()
+    table = write_reports(frame, sweep, out)
+    errors = [r for r in grid if r.error is not None]
+    if errors:
+        first = str(errors[0].error).strip().splitlines()[-1][:300]
+        print(f"relay-ray tune: {len(errors)} of {len(grid)} trials failed; first: {first}", file=sys.stderr)
+    return table
+
+
+# ------------------------------------------------------------------------- reports (pure pandas/matplotlib)
+
+
+def _topology_label(row) -> str:
+    topology = row.get("topology")
+    if isinstance(topology, str) and topology:
+        return topology
+    if row.get("algorithm") == "allreduce":
+        return "complete"
+    if row.get("algorithm") in ("relaysgd", "relaysum-grad"):
+        tree = row.get("tree") or "auto"
+        return f"{'chain' if tree == 'auto' else tree} tree"  # auto without a graph relays over a chain
+    return "ring"
+
+
+def results_frame(frame: pd.DataFrame, sweep: Sweep) -> pd.DataFrame:
+    """One row per trial: its settings (base + searched), final metrics, and how many times it reported."""
+    frame = frame.copy()
+    frame.columns = [c[len(CONFIG_PREFIX):] if c.startswith(CONFIG_PREFIX) else c for c in frame.columns]
+    for key, value in sweep.base.items():
+        if key not in frame.columns:
+            frame[key] = [value] * len(frame)
+    defaults = RunConfig(backend="local", dataset=sweep.base.get("dataset", "digits"))
+    for key in ("algorithm", "tree", "alpha", "topology"):
+        if key not in frame.columns:
+            frame[key] = getattr(defaults, key)
+    frame["topology"] = [_topology_label(row) for row in frame.to_dict("records")]
+    frame["alpha"] = frame["alpha"].astype(float)
+    frame = frame.rename(columns={"training_iteration": "reports"})
+    searched = [k for k in sweep.search if k in frame.columns]
+    metrics = [m for m in ("test_acc_worst", "test_acc_mean", "test_acc_avg_model", "suboptimality",
+                           "consensus_distance", "train_loss", "step") if m in frame.columns]
+    keep = ["trial_id", *dict.fromkeys([*GROUP_KEYS, "tree", *searched]), *metrics, "reports"]
+    keep = [k for k in dict.fromkeys(keep) if k in frame.columns]
+    return frame[keep].sort_values(list(GROUP_KEYS) + searched, kind="stable").reset_index(drop=True)
+
+
+def best_per_group(frame: pd.DataFrame, sweep: Sweep) -> pd.DataFrame:
+    """The best trial of every algorithm x topology x alpha group (by the sweep's metric and mode)."""
+    scored = frame.dropna(subset=[sweep.metric]) if sweep.metric in frame.columns else frame.iloc[0:0]
+    if scored.empty:
+        return scored
+    pick = scored.groupby(list(GROUP_KEYS), sort=True)[sweep.metric]
+    index = pick.idxmax() if sweep.mode == "max" else pick.idxmin()
+    return scored.loc[index.values].reset_index(drop=True)
+
+
+def markdown_table(best: pd.DataFrame, sweep: Sweep) -> str:
+    searched = [k for k in sweep.search if k not in GROUP_KEYS and k in best.columns]
+    columns = [*GROUP_KEYS, *searched, sweep.metric]
+    extra = [m for m in ("test_acc_avg_model", "consensus_distance") if m in best.columns and m != sweep.metric]
+    columns += extra
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in best.to_dict("records"):
+        cells = []
+        for c in columns:
+            value = row[c]
+            if isinstance(value, float):
+                cells.append("inf" if math.isinf(value) else f"{value:.4g}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(frame: pd.DataFrame, best: pd.DataFrame, sweep: Sweep, path: Path) -> None:
+    """Best score vs alpha per algorithm/topology; beside it, score vs lr when lr was searched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_lr = "lr" in sweep.search and "lr" in frame.columns
+    fig, axes = plt.subplots(1, 2 if with_lr else 1, figsize=(12 if with_lr else 6.5, 4.2), squeeze=False)
+    ax = axes[0][0]
+    finite = best["alpha"].replace(math.inf, float("nan")).dropna()
+    inf_at = (finite.max() * 10) if not finite.empty else 1.0
+    for (algorithm, topology), group in best.groupby(["algorithm", "topology"], sort=True):
+        group = group.sort_values("alpha")
+        x = [inf_at if math.isinf(a) else a for a in group["alpha"]]
+        ax.plot(x, group[sweep.metric], marker="o", label=f"{algorithm} / {topology}")
+    ax.set_xscale("log")
+    ax.set_xlabel("alpha (Dirichlet; smaller = more heterogeneous)")
+    ax.set_ylabel(f"best {sweep.metric}")
+    ax.set_title(f"{sweep.name}: best trial per group")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if with_lr:
+        ax = axes[0][1]
+        for (algorithm, topology, alpha), group in frame.groupby(list(GROUP_KEYS), sort=True):
+            group = group.groupby("lr")[sweep.metric].agg("max" if sweep.mode == "max" else "min").sort_index()
+            ax.plot(group.index, group.values, marker="o", label=f"{algorithm} / {topology} / a={alpha:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("lr")
+        ax.set_ylabel(sweep.metric)
+        ax.set_title("score vs learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(frame: pd.DataFrame, sweep: Sweep, out: Path) -> str:
+    frame.to_csv(out / "results.csv", index=False)
+    best = best_per_group(frame, sweep)
+    table = markdown_table(best, sweep)
+    (out / "best.md").write_text(f"# {sweep.name}: best trial per algorithm x topology x alpha\n\n"
+                                 f"Metric: {sweep.metric} ({sweep.mode}); {len(frame)} trials.\n\n{table}\n")
+    plot_sweep(frame, best, sweep, out / "sweep.png")
+    return table
+
