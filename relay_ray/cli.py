@@ -200,7 +200,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from relay_ray.tune import run_sweep
 
     table = run_sweep(args.sweep_file, out=args.out, address=args.address, resume=args.resume,
-                      storage=args.storage, verbose=0 if args.quiet else 1)
+                      storage=args.storage, data_dir=args.data_dir, verbose=0 if args.quiet else 1)
     print(table)
     print(f"wrote {args.out}/results.csv, best.md, sweep.png", file=sys.stderr)
     return 0
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray cluster address ('auto' or host:port); default: RAY_ADDRESS, else embedded local Ray")
     sweep.add_argument("--storage", default=None, metavar="PATH",
                        help="Tune storage path (shared on a cluster: NFS path or s3://...); default: OUT")
+    sweep.add_argument("--data-dir", default=None, metavar="DIR",
+                       help="dataset location for every trial (overrides the sweep's base: data_dir). " + DATA_HELP)
     sweep.add_argument("--resume", action="store_true",
                        help="continue an interrupted sweep in OUT; finished trials are not re-run")
     sweep.add_argument("--quiet", action="store_true", help="no Tune progress tables")

@@ -29,6 +29,9 @@ RESOURCE_KEYS = ("cpus_per_worker", "gpus_per_worker", "driver_cpus", "window")
 SCHEDULER_KEYS = {"fifo": (), "asha": ("max_t", "grace_period", "reduction_factor")}
 # Settings a sweep owns itself: every trial runs on Ray and writes into its own trial directory.
 NOT_SEARCHABLE = ("backend", "out")
+# ``search: {variant: {grid_search: [{algorithm: dsgd, topology: ring}, ...]}}`` couples settings that
+# only make sense together (an algorithm and its graph); each variant is merged into the trial's settings.
+VARIANT = "variant"
 MAX_GRID_CHECK = 5000
 
 
@@ -68,7 +71,7 @@ class Sweep:
         return [{"CPU": self.driver_cpus}] + [worker] * num_workers
 
     def fixed_settings(self, sampled: dict) -> dict:
-        return {**self.base, **sampled}
+        return run_settings({**self.base, **sampled})
 
     def candidate_worker_counts(self) -> list[int]:
         """Every worker count a trial may have (for the resource check before the sweep starts)."""
@@ -87,6 +90,12 @@ class Sweep:
         return dataclasses.asdict(self)
 
 
+def run_settings(trial_config: dict) -> dict:
+    """A trial's run settings: its config with the chosen variant's settings merged in."""
+    settings = {k: v for k, v in trial_config.items() if k != VARIANT}
+    return {**settings, **(trial_config.get(VARIANT) or {})}
+
+
 def _fail(path, message: str) -> None:
     raise UserError(f"{path}: {message}")
 
@@ -94,7 +103,8 @@ def _fail(path, message: str) -> None:
 def _check_search(path, key: str, spec) -> None:
     if key in NOT_SEARCHABLE:
         _fail(path, f"search: '{key}' is set by the sweep itself and cannot be searched")
-    if key not in {f.name for f in dataclasses.fields(RunConfig)}:
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    if key not in run_fields and key != VARIANT:
         _fail(path, f"search: unknown run setting '{key}'")
     if not isinstance(spec, dict) or len(spec) != 1:
         _fail(path, f"search.{key} must be one of {{{', '.join(k + ': ...' for k in SEARCH_KINDS)}}}, got {spec!r}")
@@ -104,7 +114,17 @@ def _check_search(path, key: str, spec) -> None:
     if kind in ("grid_search", "choice"):
         if not isinstance(values, list) or not values:
             _fail(path, f"search.{key}.{kind} must be a non-empty list, got {values!r}")
+        if key == VARIANT:
+            for variant in values:
+                if not isinstance(variant, dict) or not variant:
+                    _fail(path, f"search.variant.{kind}: each variant must be a mapping of run settings, "
+                                f"got {variant!r}")
+                bad = sorted(set(variant) - run_fields) + sorted(set(variant) & set(NOT_SEARCHABLE))
+                if bad:
+                    _fail(path, f"search.variant: '{bad[0]}' is not a run setting a variant may set")
         return
+    if key == VARIANT:
+        _fail(path, f"search.variant takes grid_search or choice, not {kind}")
     if (not isinstance(values, list) or len(values) != 2
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
         _fail(path, f"search.{key}.{kind} must be [lo, hi] numbers, got {values!r}")
@@ -131,12 +151,13 @@ def _check_runs(path, sweep: Sweep) -> None:
             try:
                 RunConfig.from_dict(settings)
             except UserError as exc:
-                where = ", ".join(f"{k}={v}" for k, v in {**combo, **end}.items()) or "base"
+                where = ", ".join(f"{k}={v}" for k, v in run_settings({**combo, **end}).items()) or "base"
                 _fail(path, f"invalid run for {where}: {exc}")
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep file; every mistake is a one-line ``UserError``."""
+def load_sweep(path: str | Path, base_overrides: dict | None = None) -> Sweep:
+    """Read and validate a sweep file (``base_overrides`` replace base: settings, e.g. a local data_dir);
+    every mistake is a one-line ``UserError``."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -144,10 +165,12 @@ def load_sweep(path: str | Path) -> Sweep:
         raise UserError(f"cannot read sweep file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if base_overrides and isinstance(data, dict):
+        data = {**data, "base": {**(data.get("base") or {}), **base_overrides}}
     return parse_sweep(data, path)
 
 
-def parse_sweep(data, path: str | Path = "<sweep>") -> Sweep:
+def parse_sweep(data, path: str | Path = "sweep.yaml") -> Sweep:
     if not isinstance(data, dict):
         _fail(path, "a sweep file must be a mapping with base: and search:")
     unknown = sorted(set(data) - set(SWEEP_KEYS))
@@ -162,9 +185,12 @@ def parse_sweep(data, path: str | Path = "<sweep>") -> Sweep:
             _fail(path, f"base: '{key}' is set by the sweep itself (each trial runs on Ray in its own directory)")
     for key, spec in search.items():
         _check_search(path, key, spec)
-    overlap = sorted(set(base) & set(search))
+    variant_keys = {k for v in (search.get(VARIANT) or {}).get("grid_search", []) + (search.get(VARIANT) or {}).get(
+        "choice", []) for k in v}
+    # a variant may override base: (it is the more specific setting); nothing else may be set twice
+    overlap = sorted(set(base) & set(search) | set(search) & variant_keys)
     if overlap:
-        _fail(path, f"{', '.join(overlap)} appear in both base: and search:")
+        _fail(path, f"{', '.join(overlap)} set in both base: and search: (or search: and a variant)")
     metric, mode = data.get("metric", "test_acc_worst"), data.get("mode", "max")
     if metric not in METRICS:
         _fail(path, f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")

@@ -21,7 +21,7 @@ from ray import tune
 from relay_ray.config import RunConfig
 from relay_ray.engine import RayEngine, connect
 from relay_ray.errors import UserError
-from relay_ray.sweep import Sweep, load_sweep, parse_sweep
+from relay_ray.sweep import VARIANT, Sweep, load_sweep, parse_sweep, run_settings
 
 CONFIG_PREFIX = "config/"
 GROUP_KEYS = ("algorithm", "topology", "alpha")
@@ -52,7 +52,7 @@ class _TrialEngine(RayEngine):
 def train_trial(settings: dict, cpus_per_worker: float, gpus_per_worker: float, window: int) -> None:
     """Tune's function trainable: build the run from the trial's settings and drive it."""
     trial_dir = Path(tune.get_context().get_trial_dir())
-    config = RunConfig.from_dict({**settings, "backend": "ray", "out": str(trial_dir / "run")})
+    config = RunConfig.from_dict({**run_settings(settings), "backend": "ray", "out": str(trial_dir / "run")})
     engine = _TrialEngine(config, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, window=window,
                           placement_group=ray.util.get_current_placement_group(), first_bundle=1)
     try:
@@ -63,7 +63,7 @@ def train_trial(settings: dict, cpus_per_worker: float, gpus_per_worker: float, 
 
 def _trainable(sweep: Sweep):
     def resources(settings: dict) -> tune.PlacementGroupFactory:
-        num_workers = RunConfig.from_dict({**settings, "backend": "local"}).num_workers
+        num_workers = RunConfig.from_dict({**run_settings(settings), "backend": "local"}).num_workers
         return tune.PlacementGroupFactory(sweep.trial_bundles(num_workers), strategy="PACK")
 
     trainable = tune.with_parameters(train_trial, cpus_per_worker=sweep.cpus_per_worker,
@@ -101,11 +101,11 @@ def _scheduler(sweep: Sweep):
 
 
 def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = None, resume: bool = False,
-              storage: str | None = None, verbose: int = 1) -> str:
+              storage: str | None = None, data_dir: str | None = None, verbose: int = 1) -> str:
     """Run (or resume) a sweep; writes results.csv, best.md and sweep.png into ``out``; returns best.md's table."""
     out = Path(out).resolve()
     saved = out / "sweep.yaml"
-    sweep = load_sweep(sweep_file)
+    sweep = load_sweep(sweep_file, {"data_dir": str(Path(data_dir).resolve())} if data_dir else None)
     if resume:
         if not saved.exists():
             raise UserError(f"--resume: {out} holds no sweep (no sweep.yaml); run it once without --resume")
@@ -167,10 +167,22 @@ def _topology_label(row) -> str:
     return "ring"
 
 
+def _searched_keys(sweep: Sweep) -> list[str]:
+    """The settings that vary between trials (a variant's settings count as searched)."""
+    keys = []
+    for key, spec in sweep.search.items():
+        if key == VARIANT:
+            keys += [k for variant in next(iter(spec.values())) for k in variant]
+        else:
+            keys.append(key)
+    return list(dict.fromkeys(keys))
+
+
 def results_frame(frame: pd.DataFrame, sweep: Sweep) -> pd.DataFrame:
     """One row per trial: its settings (base + searched), final metrics, and how many times it reported."""
     frame = frame.copy()
-    frame.columns = [c[len(CONFIG_PREFIX):] if c.startswith(CONFIG_PREFIX) else c for c in frame.columns]
+    # Tune flattens nested configs: config/lr, config/variant/algorithm -> lr, algorithm
+    frame.columns = [c.removeprefix(CONFIG_PREFIX).removeprefix(f"{VARIANT}/") for c in frame.columns]
     for key, value in sweep.base.items():
         if key not in frame.columns:
             frame[key] = [value] * len(frame)
@@ -181,7 +193,7 @@ def results_frame(frame: pd.DataFrame, sweep: Sweep) -> pd.DataFrame:
     frame["topology"] = [_topology_label(row) for row in frame.to_dict("records")]
     frame["alpha"] = frame["alpha"].astype(float)
     frame = frame.rename(columns={"training_iteration": "reports"})
-    searched = [k for k in sweep.search if k in frame.columns]
+    searched = [k for k in _searched_keys(sweep) if k in frame.columns]
     metrics = [m for m in ("test_acc_worst", "test_acc_mean", "test_acc_avg_model", "suboptimality",
                            "consensus_distance", "train_loss", "step") if m in frame.columns]
     keep = ["trial_id", *dict.fromkeys([*GROUP_KEYS, "tree", *searched]), *metrics, "reports"]
@@ -200,7 +212,7 @@ def best_per_group(frame: pd.DataFrame, sweep: Sweep) -> pd.DataFrame:
 
 
 def markdown_table(best: pd.DataFrame, sweep: Sweep) -> str:
-    searched = [k for k in sweep.search if k not in GROUP_KEYS and k in best.columns]
+    searched = [k for k in _searched_keys(sweep) if k not in GROUP_KEYS and k in best.columns]
     columns = [*GROUP_KEYS, *searched, sweep.metric]
     extra = [m for m in ("test_acc_avg_model", "consensus_distance") if m in best.columns and m != sweep.metric]
     columns += extra
