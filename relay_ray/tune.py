@@ -9,8 +9,11 @@ The sweep directory ``OUT`` holds Tune's experiment (``OUT/<name>``, restorable 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -40,17 +43,39 @@ def param_space(sweep: Sweep) -> dict:
     return {**sweep.base, **{key: _domain(spec) for key, spec in sweep.search.items()}}
 
 
-class _TrialEngine(RayEngine):
-    """The engine, reporting every evaluation to Tune."""
+FINAL_STATE = "final.json"
 
-    def _evaluate(self, *args, **kwargs) -> dict:
-        row = super()._evaluate(*args, **kwargs)
-        tune.report({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
+
+def _tune_metrics(row: dict) -> dict:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class _TrialEngine(RayEngine):
+    """The engine, reporting every evaluation to Tune; the last report carries a checkpoint that marks
+    the trial finished, so a sweep restored after its driver died never re-runs a finished trial."""
+
+    def _evaluate(self, outboxes, step: int, *args, **kwargs) -> dict:
+        row = super()._evaluate(outboxes, step, *args, **kwargs)
+        if step < self.experiment.total_steps:
+            tune.report(_tune_metrics(row))
+            return row
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, FINAL_STATE).write_text(json.dumps({"step": step, "final": row}))
+            tune.report(_tune_metrics(row), checkpoint=tune.Checkpoint.from_directory(tmp))
         return row
+
+
+def _finished_before(checkpoint) -> bool:
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as directory:
+        return Path(directory, FINAL_STATE).exists()
 
 
 def train_trial(settings: dict, cpus_per_worker: float, gpus_per_worker: float, window: int) -> None:
     """Tune's function trainable: build the run from the trial's settings and drive it."""
+    if _finished_before(tune.get_checkpoint()):
+        return  # restored after it had finished: its final result is already in Tune's state
     trial_dir = Path(tune.get_context().get_trial_dir())
     config = RunConfig.from_dict({**run_settings(settings), "backend": "ray", "out": str(trial_dir / "run")})
     engine = _TrialEngine(config, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, window=window,
@@ -113,6 +138,9 @@ def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = Non
             raise UserError(f"{sweep_file} differs from the sweep being resumed ({saved}); resume with the same file")
     elif saved.exists():
         raise UserError(f"{out} already holds a sweep; pass --resume to continue it, or choose another --out")
+    # Save Tune's experiment state every second (default: at most every ~10 s), so an interrupted sweep
+    # knows which trials had finished; a finished trial's final checkpoint covers the last second.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     storage_path = storage or str(out)
     experiment_path = f"{storage_path.rstrip('/')}/{sweep.name}"
 

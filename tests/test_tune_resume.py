@@ -1,0 +1,69 @@
+"""An interrupted sweep (its driver SIGKILLed) resumes with --resume and re-runs no finished trial."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SWEEP = {
+    "name": "interrupted",
+    "base": {"dataset": "digits", "num_workers": 4, "alpha": 0.1, "steps": 60, "eval_every": 20},
+    "search": {"algorithm": {"grid_search": ["relaysgd", "dsgd"]}, "lr": {"grid_search": [0.05, 0.1]}},
+    "resources": {"cpus_per_worker": 0.2, "driver_cpus": 0.2},
+    "max_concurrent_trials": 1,
+}
+
+
+def tune_command(sweep_file: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "relay_ray", "tune", str(sweep_file), "--out", str(out), "--quiet", *extra]
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded Ray of its own
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(SWEEP))
+    out = tmp_path / "out"
+    # its own session, so the kill takes the driver and the Ray processes it started
+    first = subprocess.Popen(tune_command(sweep_file, out), env=clean_env(), start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    finished = []
+    try:
+        deadline = time.monotonic() + 400
+        while not finished and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(1)
+            finished = sorted(out.glob("interrupted/*/run/summary.json"))
+        assert finished, f"no trial finished before the deadline: {first.stderr.read().decode()[-2000:] if first.poll() is not None else 'still running'}"
+        time.sleep(2)  # "interrupted after its first trials": Tune saves its state every second
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    before = {p.parent.parent.name: p.read_bytes() for p in out.glob("interrupted/*/run/summary.json")}
+    assert 1 <= len(before) < 4, "the kill came while trials were still to run"
+
+    resumed = subprocess.run(tune_command(sweep_file, out, "--resume"), env=clean_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+
+    after = {p.parent.parent.name: p.read_bytes() for p in out.glob("interrupted/*/run/summary.json")}
+    assert len(after) == 4
+    for trial, summary in before.items():
+        assert after[trial] == summary, f"{trial} finished before the kill and was run again"
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 4 and (results["reports"] >= 3).all() and (results["step"] == 60).all()
+    for trial in before:
+        assert json.loads(after[trial])["final"]["step"] == 60
