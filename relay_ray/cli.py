@@ -81,6 +81,8 @@ def add_run_flags(parser: argparse.ArgumentParser, algorithm_flag: bool = True) 
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="test samples per evaluation (default: the whole test set)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: data split, init, batches (default: 0)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where each worker's model computes; cuda on Ray needs --gpus-per-worker (default: cpu)")
     parser.add_argument("--cpus-per-worker", type=float, default=None,
                         help="ray: CPUs reserved per worker actor (default: cluster CPUs / workers, at most 1)")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0,
@@ -102,7 +104,7 @@ def _config_from_args(args: argparse.Namespace, **overrides) -> RunConfig:
         alpha=args.alpha, heterogeneity=args.heterogeneity, model=args.model, steps=args.steps,
         epochs=args.epochs, lr=args.lr, lr_correction=args.lr_correction, warmup_steps=args.warmup_steps,
         decay_at=list(args.decay_at), momentum=args.momentum, weight_decay=args.weight_decay,
-        batch_size=args.batch_size, eval_every=args.eval_every, eval_samples=args.eval_samples, seed=args.seed,
+        batch_size=args.batch_size, eval_every=args.eval_every, eval_samples=args.eval_samples, seed=args.seed, device=args.device,
         backend=args.backend, out=getattr(args, "out", None),
     )
     fields.update(overrides)

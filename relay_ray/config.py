@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from relay_ray.topology import GRAPHS, TREES
 
 TASKS = DATASETS + ("quadratics",)
 BACKENDS = ("ray", "local")
+DEVICES = ("cpu", "cuda")
 
 # Per-task defaults for the settings left unset: what a user gets from `relay-ray run --dataset X`.
 TASK_DEFAULTS = {
@@ -67,6 +70,10 @@ class RunConfig:
     eval_every: int | None = None
     eval_samples: int | None = None  # test samples per evaluation (None: the whole test set)
     seed: int = 0
+    device: str = "cpu"  # where a worker's model computes: cpu or cuda (with --gpus-per-worker on Ray)
+    drop_prob: float = 0.0  # each received message is lost with this probability (seeded per step and edge)
+    checkpoint_every: int | None = None  # write a checkpoint every K steps (OUT/checkpoints/step-XXXXXXXX/)
+    keep: int = 3  # complete checkpoints kept; older ones are pruned
     backend: str = "ray"
     out: str | None = None
 
@@ -108,6 +115,12 @@ class RunConfig:
         _positive("batch-size", self.batch_size)
         _positive("eval-every", self.eval_every)
         _positive("eval-samples", self.eval_samples)
+        _positive("checkpoint-every", self.checkpoint_every)
+        if not 0 <= self.drop_prob < 1:
+            raise UserError(f"--drop-prob must be in [0, 1), got {self.drop_prob}")
+        if self.keep < 1:
+            raise UserError(f"--keep must be at least 1, got {self.keep}")
+        _choice("device", self.device, DEVICES)
         if self.momentum is not None and not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay is not None and self.weight_decay < 0:
@@ -160,6 +173,13 @@ class RunConfig:
             return 1.0
         return auto_value if self.lr_correction == "auto" else float(self.lr_correction)
 
+    def evaluates_at(self, step: int, total_steps: int) -> bool:
+        """Evaluate after ``step`` steps (every eval_every steps, and at the end)."""
+        return step % self.eval_every == 0 or step == total_steps
+
+    def checkpoints_at(self, step: int) -> bool:
+        return self.checkpoint_every is not None and step % self.checkpoint_every == 0
+
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -174,12 +194,18 @@ class RunConfig:
         if unknown:
             raise UserError(f"unknown run setting(s): {', '.join(unknown)}")
         data = dict(data)
-        if "alpha" in data:
-            data["alpha"] = float(data["alpha"])
+        if isinstance(data.get("alpha"), str) and data["alpha"].strip().lower() in ("inf", "infinity"):
+            data["alpha"] = math.inf
+        for name, value in data.items():
+            data[name] = _typed(name, value, _FIELD_TYPES[name])
         return cls(**data)
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Written to a temporary file and renamed: a reader never sees half a config."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
@@ -188,8 +214,45 @@ class RunConfig:
         except (OSError, yaml.YAMLError) as exc:
             raise UserError(f"cannot read run config {path}: {exc}") from None
         if not isinstance(data, dict):
-            raise UserError(f"run config {path} must be a mapping of settings")
-        return cls.from_dict(data)
+            raise UserError(f"run config {path} must be a mapping of settings, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except UserError as exc:
+            raise UserError(f"run config {path}: {exc}") from None
+
+
+# What each setting may be in a YAML file (a sweep or a run config): checked before validation,
+# so a string where a number belongs is one clear line, not a TypeError deep inside.
+_FIELD_TYPES = {
+    "topology": "str?", "topology_file": "str?", "num_workers": "int?", "data_dir": "str?", "model": "str?",
+    "steps": "int?", "epochs": "float?", "lr": "float?", "lr_correction": "str|float", "warmup_steps": "int",
+    "decay_at": "floats", "momentum": "float?", "weight_decay": "float?", "batch_size": "int?",
+    "eval_every": "int?", "eval_samples": "int?", "seed": "int", "alpha": "float", "heterogeneity": "float",
+    "drop_prob": "float", "checkpoint_every": "int?", "keep": "int", "out": "str?",
+    "algorithm": "str", "tree": "str", "dataset": "str", "backend": "str", "device": "str",
+}
+
+
+def _typed(name: str, value, kind: str):
+    if value is None and kind.endswith("?"):
+        return None
+    base = kind.rstrip("?")
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if base == "int" and is_int:
+        return int(value)
+    if base == "float" and is_number:
+        return float(value)
+    if base == "str" and isinstance(value, str):
+        return value
+    if base == "str|float" and (isinstance(value, str) or is_number):
+        return value if isinstance(value, str) else str(value)
+    if base == "floats" and isinstance(value, list) and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    wanted = {"int": "an integer", "float": "a number", "str": "a string", "str|float": "a string or a number",
+              "floats": "a list of numbers"}[base]
+    raise UserError(f"setting {name} must be {wanted}, got {value!r}")
 
 
 def _choice(flag: str, value, choices) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from relay_ray.data import ArrayDataset, augment_batch, normalize_batch
+from relay_ray.errors import UserError
 from relay_ray.models import build_model
 from relay_ray.quadratics import QuadraticsTask
 
@@ -49,13 +50,16 @@ class ClassificationProblem:
     higher_is_better = True
 
     def __init__(self, dataset: ArrayDataset, shard: np.ndarray, model_name: str, batch_size: int, seed: int,
-                 rank: int, eval_samples: int | None = None):
+                 rank: int, eval_samples: int | None = None, device: str = "cpu"):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device cuda, but torch sees no GPU on worker {rank}'s machine; use --device cpu")
+        self.device = torch.device(device)
         self.dataset = dataset
         self.shard = np.asarray(shard, dtype=np.int64)
         self.batch_size = min(batch_size, len(self.shard))
         self.samples_per_step = self.batch_size
         torch.manual_seed(seed)  # the same x0 on every worker
-        self.model = build_model(model_name, dataset.input_shape, dataset.num_classes)
+        self.model = build_model(model_name, dataset.input_shape, dataset.num_classes).to(self.device)
         self.flat = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
         offset = 0
         for p in self.model.parameters():
@@ -71,7 +75,7 @@ class ClassificationProblem:
             self.test_indices = np.arange(test_size)
 
     def initial_params(self) -> np.ndarray:
-        return self.flat.numpy().copy()
+        return self.flat.cpu().numpy().copy()
 
     def _next_batch(self) -> np.ndarray:
         if self.position + self.batch_size > len(self.order):
@@ -85,18 +89,18 @@ class ClassificationProblem:
     def _inputs(self, images: np.ndarray, train: bool) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images))
         if train and self.dataset.augment:
-            x = augment_batch(x, self.generator)
-        return normalize_batch(x, self.dataset.mean, self.dataset.std)
+            x = augment_batch(x, self.generator)  # on the CPU, so CPU and GPU runs draw the same crops
+        return normalize_batch(x.to(self.device), self.dataset.mean, self.dataset.std)
 
     def loss_and_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
         self.flat.copy_(torch.from_numpy(params))
         batch = self._next_batch()
         x = self._inputs(self.dataset.x_train[batch], train=True)
-        y = torch.from_numpy(self.dataset.y_train[batch])
+        y = torch.from_numpy(self.dataset.y_train[batch]).to(self.device)
         self.model.train()
         loss = F.cross_entropy(self.model(x), y)
         grads = torch.autograd.grad(loss, list(self.model.parameters()))
-        return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads]).numpy()
+        return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads]).cpu().numpy()
 
     @torch.no_grad()
     def evaluate(self, params: np.ndarray, chunk: int = 1000) -> float:
@@ -107,7 +111,7 @@ class ClassificationProblem:
         for start in range(0, len(self.test_indices), chunk):
             idx = self.test_indices[start:start + chunk]
             logits = self.model(self._inputs(self.dataset.x_test[idx], train=False))
-            correct += int((logits.argmax(dim=1) == torch.from_numpy(self.dataset.y_test[idx])).sum())
+            correct += int((logits.argmax(dim=1).cpu() == torch.from_numpy(self.dataset.y_test[idx])).sum())
         return correct / len(self.test_indices)
 
     def state_dict(self) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from relay_ray import checkpoint
 from relay_ray.algorithms import make_algorithm
 from relay_ray.data import ArrayDataset
 from relay_ray.experiment import WorkerSpec
@@ -22,7 +23,21 @@ def make_problem(spec: WorkerSpec, task_data: ArrayDataset | QuadraticsTask):
     if isinstance(task_data, QuadraticsTask):
         return QuadraticsProblem(task_data, spec.rank)
     return ClassificationProblem(task_data, spec.shard, config.model, config.batch_size, config.seed, spec.rank,
-                                 config.eval_samples)
+                                 config.eval_samples, config.device)
+
+
+_DROP_SALT = 0x64726F70  # "drop": keeps the drop stream apart from every other seeded stream
+
+
+def message_dropped(seed: int, step: int, sender: int, receiver: int, drop_prob: float) -> bool:
+    """Whether the message ``sender -> receiver`` of ``step`` is lost (--drop-prob).
+
+    A pure function of (seed, step, edge): the simulator and the Ray engine drop exactly the same
+    messages, independent of timing, and a resumed run drops what the uninterrupted one did.
+    """
+    if drop_prob <= 0:
+        return False
+    return bool(np.random.default_rng((_DROP_SALT, seed, step, sender, receiver)).random() < drop_prob)
 
 
 class Worker:
@@ -44,9 +59,15 @@ class Worker:
     def degree(self) -> int:
         return len(self.algorithm.neighbors)
 
+    def _unreliable(self, inbox: tuple) -> list:
+        """The inbox as an unreliable link delivers it: a dropped message is ``None`` (DESIGN §1)."""
+        p, sent_at = self.config.drop_prob, self.step_count - 1  # the messages of the step just taken
+        return [None if message_dropped(self.config.seed, sent_at, j, self.rank, p) else message
+                for j, message in zip(self.algorithm.neighbors, inbox)]
+
     def receive(self, *inbox: np.ndarray | None) -> None:
         """Finish the previous step's averaging with the neighbours' messages."""
-        self.algorithm.incoming(list(inbox))
+        self.algorithm.incoming(self._unreliable(inbox))
 
     def step(self, *inbox: np.ndarray | None) -> list[np.ndarray]:
         """Finish the previous averaging (if messages are given), take a local step, return messages.
@@ -54,7 +75,7 @@ class Worker:
         The messages are in ``neighbors`` order, one per neighbour.
         """
         if inbox:
-            self.algorithm.incoming(list(inbox))
+            self.algorithm.incoming(self._unreliable(inbox))
         config = self.config
         lr = self.spec.lr_scale * learning_rate(self.step_count, config.lr, self.spec.total_steps,
                                                 config.warmup_steps, tuple(config.decay_at))
@@ -86,3 +107,34 @@ class Worker:
     def evaluate_params(self, params: np.ndarray) -> float:
         """The task metric of another model (the averaged one) with this worker's evaluator."""
         return self.problem.evaluate(params)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything this worker carries from one step to the next (at a step boundary, after ``receive``)."""
+        return {
+            "algorithm": self.algorithm.state_dict(),  # model, momentum, relay buffers / corrections
+            "problem": self.problem.state_dict(),  # batch RNG and data-iterator position
+            "step_count": self.step_count,
+            "bytes_sent": self.bytes_sent,
+            "samples_seen": self.samples_seen,
+            "losses": [float(v) for v in self.losses],  # train losses since the last evaluation
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.problem.load_state_dict(state["problem"])
+        self.step_count = int(state["step_count"])
+        self.bytes_sent = int(state["bytes_sent"])
+        self.samples_seen = int(state["samples_seen"])
+        self.losses = [float(v) for v in state["losses"]]
+
+    def save_checkpoint(self, directory: str) -> dict:
+        """Write this worker's state into ``directory`` (itself: the driver never sees the model)."""
+        header = checkpoint.worker_header(self.config, self.spec.plan)
+        return checkpoint.save_worker(directory, self.rank, {**header, "step": self.step_count}, self.state_dict())
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore this worker from ``directory``; returns the step it resumes at."""
+        state = checkpoint.load_worker(directory, self.rank, checkpoint.worker_header(self.config, self.spec.plan))
+        self.load_state_dict(state)
+        return self.step_count

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -72,7 +71,6 @@ def test_mlp_trains_on_digits():
     model = build_model("mlp", ds.input_shape, ds.num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     generator = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
     for _ in range(5):
         for batch in torch.randperm(len(y_train), generator=generator).split(32):
             optimizer.zero_grad()
@@ -81,4 +79,3 @@ def test_mlp_trains_on_digits():
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
     assert accuracy > 0.9, accuracy
-    assert time.perf_counter() - start < 10
