@@ -66,30 +66,64 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class RunRecorder:
-    """Writes ``config.yaml``, ``metrics.jsonl`` (a line per evaluation), ``summary.json`` and plots."""
+def read_rows(path: str | Path) -> list[dict]:
+    """The complete lines of a metrics.jsonl (a line cut short by a crash is not a row)."""
+    text = Path(path).read_text() if Path(path).exists() else ""
+    rows = []
+    for line in text.split("\n")[:-1]:  # the part after the last newline is unfinished
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
 
-    def __init__(self, out_dir: str | Path | None, config: RunConfig, extra_config: dict | None = None):
+
+class RunRecorder:
+    """Writes ``config.yaml``, ``metrics.jsonl`` (a line per evaluation), ``summary.json`` and plots.
+
+    No file is ever half-written: config.yaml, summary.json and curves.png are renamed into place,
+    and each metrics line is one ``write`` to a file opened with O_APPEND.  ``resume_step``: the
+    run continues from a checkpoint at that step, so the rows up to it are kept and later ones
+    (written after the checkpoint by the interrupted run) are dropped, not duplicated.
+    """
+
+    def __init__(self, out_dir: str | Path | None, config: RunConfig, resume_step: int | None = None):
         self.out_dir = Path(out_dir) if out_dir else None
         self.rows: list[dict] = []
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             config.dump(self.out_dir / "config.yaml")
             self.metrics_path = self.out_dir / "metrics.jsonl"
-            self.metrics_path.write_text("")
+            if resume_step is not None:
+                self.rows = read_rows(self.metrics_path)
+            self.truncate(resume_step or 0)
+
+    def truncate(self, step: int) -> None:
+        """Forget the rows after ``step`` (a run going back to a checkpoint will record them again)."""
+        self.rows = [row for row in self.rows if row["step"] <= step]
+        if self.out_dir is not None:
+            _atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in self.rows))
 
     def record(self, row: dict) -> None:
         self.rows.append(row)
         if self.out_dir is not None:
-            # one write() of a whole line: a reader never sees half a row
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            # one write() of a whole line with O_APPEND: a reader never sees half a row
+            data = (json.dumps(row) + "\n").encode()
+            fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                written = os.write(fd, data)
+            finally:
+                os.close(fd)
+            if written != len(data):
+                raise OSError(f"short write to {self.metrics_path} ({written} of {len(data)} bytes)")
 
     def finish(self, summary: dict) -> None:
         if self.out_dir is None:
             return
         _atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        plot_curves({"run": self.rows}, self.out_dir / "curves.png")
+        tmp = self.out_dir / "curves.png.tmp"
+        plot_curves({"run": self.rows}, tmp)
+        os.replace(tmp, self.out_dir / "curves.png")
 
 
 def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
@@ -125,7 +159,7 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -145,6 +179,19 @@ class Progress:
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
+
+    def rewind(self, step: int) -> None:
+        """Show ``step`` steps done (a resumed or restarted run)."""
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def note(self, line: str) -> None:
+        """A line the user must see even with --quiet (a restart, a fallback)."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def report(self, row: dict) -> None:
         if not self.enabled:
