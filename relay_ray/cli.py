@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from relay_ray.algorithms import ALGORITHMS
 from relay_ray.config import BACKENDS, TASKS, RunConfig
@@ -81,6 +82,9 @@ def add_run_flags(parser: argparse.ArgumentParser, algorithm_flag: bool = True) 
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="test samples per evaluation (default: the whole test set)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: data split, init, batches (default: 0)")
+    parser.add_argument("--drop-prob", type=float, default=0.0, metavar="P",
+                        help="unreliable links: each received message is lost with probability P, seeded per "
+                             "step and edge; RelaySGD fills the gap with x0, gossip renormalises (default: 0)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where each worker's model computes; cuda on Ray needs --gpus-per-worker (default: cpu)")
     parser.add_argument("--cpus-per-worker", type=float, default=None,
@@ -94,46 +98,93 @@ def add_run_flags(parser: argparse.ArgumentParser, algorithm_flag: bool = True) 
     parser.add_argument("--workers-per-actor", type=int, default=1, metavar="K",
                         help="ray: pack K workers into one actor; messages between them stay in process "
                              "(default: 1, one actor per worker)")
+    parser.add_argument("--max-restarts", type=int, default=3, metavar="N",
+                        help="ray: when a worker actor or its node dies, restart all workers from the last "
+                             "checkpoint (or step 0) at most N times, then give up (default: 3)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def _config_from_args(args: argparse.Namespace, **overrides) -> RunConfig:
-    fields = dict(
+def _run_settings(args: argparse.Namespace) -> dict:
+    """The ``RunConfig`` fields the flags ask for."""
+    return dict(
         algorithm=getattr(args, "algorithm", "relaysgd"), topology=args.topology, topology_file=args.topology_file,
         tree=args.tree, num_workers=args.num_workers, dataset=args.dataset, data_dir=args.data_dir,
         alpha=args.alpha, heterogeneity=args.heterogeneity, model=args.model, steps=args.steps,
         epochs=args.epochs, lr=args.lr, lr_correction=args.lr_correction, warmup_steps=args.warmup_steps,
         decay_at=list(args.decay_at), momentum=args.momentum, weight_decay=args.weight_decay,
         batch_size=args.batch_size, eval_every=args.eval_every, eval_samples=args.eval_samples, seed=args.seed, device=args.device,
-        backend=args.backend, out=getattr(args, "out", None),
+        backend=args.backend, out=getattr(args, "out", None), drop_prob=args.drop_prob,
+        checkpoint_every=getattr(args, "checkpoint_every", None), keep=getattr(args, "keep", 3),
     )
-    fields.update(overrides)
-    return RunConfig(**fields)
+
+
+def _config_from_args(args: argparse.Namespace, **overrides) -> RunConfig:
+    return RunConfig(**{**_run_settings(args), **overrides})
+
+
+def _config_and_checkpoint(args: argparse.Namespace):
+    """The run's config and, with --resume, the checkpoint it continues from (None otherwise).
+
+    --config FILE / --resume DIR take their settings from FILE / DIR/config.yaml; a flag set to
+    something other than its default overrides them.  A resumed run continues in DIR.
+    """
+    if args.resume is None and args.config is None:
+        return _config_from_args(args), None
+    if args.resume is not None and args.config is not None:
+        raise UserError("give --config or --resume, not both (a resumed run uses its own config.yaml)")
+    defaults = _run_settings(build_parser().parse_args(["run"]))
+    changed = {k: v for k, v in _run_settings(args).items() if v != defaults[k]}
+    if args.config is not None:
+        if not Path(args.config).is_file():
+            raise UserError(f"--config {args.config} does not exist or is not a file")
+        return RunConfig.from_dict({**RunConfig.load(args.config).to_dict(), "out": args.out, **changed}), None
+    run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {args.resume} does not exist or is not a directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume {args.resume} has no config.yaml; give the --out directory of a run")
+    if "out" in changed and Path(changed["out"]).resolve() != run_dir.resolve():
+        raise UserError(f"--resume continues the run in {args.resume}; drop --out {changed['out']}")
+    config = RunConfig.from_dict({**RunConfig.load(run_dir / "config.yaml").to_dict(), **changed, "out": str(run_dir)})
+    from relay_ray.checkpoint import find_latest
+    from relay_ray.experiment import build_experiment
+
+    experiment = build_experiment(config)
+    checkpoint, skipped = find_latest(run_dir, config, experiment.plan)
+    if skipped:
+        print(f"{PROG}: newest checkpoint(s) unusable ({'; '.join(skipped)}); resuming from the previous one, "
+              f"step {checkpoint.step}", file=sys.stderr)
+    else:
+        print(f"{PROG}: resuming {run_dir} from step {checkpoint.step}", file=sys.stderr)
+    return config, (checkpoint, experiment)
 
 
 def engine_options(args: argparse.Namespace) -> dict:
     return dict(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                placement=args.placement, window=args.window, workers_per_actor=args.workers_per_actor)
+                placement=args.placement, window=args.window, workers_per_actor=args.workers_per_actor,
+                max_restarts=args.max_restarts)
 
 
 def run_config(config: RunConfig, address: str | None = None, progress: bool = True, experiment=None,
-               **options) -> dict:
-    """Run one configuration on its backend; returns the summary."""
+               resume=None, **options) -> dict:
+    """Run one configuration on its backend; returns the summary.  ``resume``: a ``Checkpoint``."""
     if config.backend == "local":
         from relay_ray.simulate import simulate
 
-        return simulate(config, experiment=experiment, progress=progress)
+        return simulate(config, experiment=experiment, progress=progress, resume=resume)
     from relay_ray.engine import run_on_ray
 
-    return run_on_ray(config, address=address, progress=progress, experiment=experiment, **options)
+    return run_on_ray(config, address=address, progress=progress, experiment=experiment, resume=resume, **options)
 
 
 # ------------------------------------------------------------------------- subcommands
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _config_from_args(args)
-    summary = run_config(config, address=args.address, progress=not args.quiet, **engine_options(args))
+    config, resumed = _config_and_checkpoint(args)
+    checkpoint, experiment = resumed or (None, None)
+    summary = run_config(config, address=args.address, progress=not args.quiet, experiment=experiment,
+                         resume=checkpoint, **engine_options(args))
     print(json.dumps(summary["final"], indent=2))
     if config.out:
         print(f"wrote {config.out}/config.yaml, metrics.jsonl, summary.json, curves.png", file=sys.stderr)
@@ -227,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUT/config.yaml, metrics.jsonl, summary.json and curves.png.")
     add_run_flags(run)
     run.add_argument("--out", default="runs/latest", help="output directory (default: runs/latest)")
+    run.add_argument("--config", default=None, metavar="FILE.yaml",
+                     help="take the settings from a run YAML (e.g. a run's config.yaml); flags given override it")
+    run.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                     help="write a checkpoint every K steps to OUT/checkpoints/ (default: none)")
+    run.add_argument("--keep", type=int, default=3, metavar="N",
+                     help="complete checkpoints to keep; older ones are deleted (default: 3)")
+    run.add_argument("--resume", default=None, metavar="DIR",
+                     help="continue the run in DIR (its --out) from its newest complete checkpoint, with its "
+                          "config.yaml; the result equals an uninterrupted run")
     run.set_defaults(func=cmd_run)
 
     comp = sub.add_parser("compare", help="run several algorithms on the same split and seed",

@@ -8,7 +8,13 @@ routes those refs into the neighbours' next step.  It never ``ray.get``s a model
 only the small metric dicts of evaluations (``_fetch_metrics`` is the one place it reads values).
 A bounded window of steps may be in flight; older steps are awaited (not fetched) so the object
 store holds at most ``window`` steps of messages.  There is no global barrier per step except at
-evaluations.
+evaluations and checkpoints.
+
+Reliability (DESIGN §6): every ``--checkpoint-every`` steps each actor writes its own worker file
+and the driver commits the manifest (``relay_ray.checkpoint``).  When an actor or its node dies,
+the next fetch fails; the engine then kills the survivors, reserves a new placement group on the
+nodes still alive, starts fresh actors, loads the newest checkpoint of this run (or starts again
+at step 0: a run is deterministic) and replays, at most ``max_restarts`` times.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from relay_ray.checkpoint import Checkpoint, CheckpointStore
 from relay_ray.config import RunConfig
 from relay_ray.errors import UserError, WorkerFailure
 from relay_ray.experiment import Experiment, build_experiment
@@ -32,6 +39,7 @@ from relay_ray.metrics import Progress, RunRecorder, consensus_distance, eval_ro
 from relay_ray.worker import Worker
 
 DEFAULT_WINDOW = 4
+DEFAULT_MAX_RESTARTS = 3
 PLACEMENT_TIMEOUT_S = 60.0
 
 
@@ -64,6 +72,11 @@ class RayWorker(Worker):
         if self.failure is not None:
             raise RuntimeError(f"worker {self.rank} failed at {self.failure}")
         return super().evaluate()
+
+    def load_checkpoint(self, directory: str) -> int:  # type: ignore[override]
+        step = super().load_checkpoint(directory)
+        self.failure = None
+        return step
 
     def params_ref(self):
         return ray.put(self.params())
@@ -105,6 +118,24 @@ def connect(address: str | None = None) -> bool:
     return True
 
 
+def check_engine_options(window: int = DEFAULT_WINDOW, cpus_per_worker: float | None = None,
+                         gpus_per_worker: float = 0.0, placement: str = "spread",
+                         max_restarts: int = DEFAULT_MAX_RESTARTS, workers_per_actor: int = 1, **_) -> None:
+    """The engine flags' values, checked before Ray starts (a bad flag never starts a cluster)."""
+    if window < 1:
+        raise UserError(f"--window must be >= 1, got {window}")
+    if cpus_per_worker is not None and not cpus_per_worker > 0:
+        raise UserError(f"--cpus-per-worker must be > 0, got {cpus_per_worker}")
+    if not gpus_per_worker >= 0:
+        raise UserError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
+    if placement not in ("spread", "pack"):
+        raise UserError(f"--placement must be spread or pack, got {placement!r}")
+    if max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
+    if workers_per_actor < 1:
+        raise UserError(f"--workers-per-actor must be >= 1, got {workers_per_actor}")
+
+
 def _node_cpus() -> list[float]:
     return [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
 
@@ -132,16 +163,18 @@ class RayEngine:
 
     def __init__(self, config: RunConfig, experiment: Experiment | None = None, window: int = DEFAULT_WINDOW,
                  cpus_per_worker: float | None = None, gpus_per_worker: float = 0.0, placement: str = "spread",
-                 placement_group=None, first_bundle: int = 0):
+                 placement_group=None, first_bundle: int = 0, max_restarts: int = DEFAULT_MAX_RESTARTS):
         """``placement_group``: reserve nothing and put worker ``rank`` in bundle ``first_bundle + rank`` of
-        this existing group instead (a Tune trial's, whose bundle 0 holds the trial's driver)."""
-        if window < 1:
-            raise UserError(f"--window must be >= 1, got {window}")
-        if placement not in ("spread", "pack"):
-            raise UserError(f"--placement must be spread or pack, got {placement!r}")
+        this existing group instead (a Tune trial's, whose bundle 0 holds the trial's driver).
+        ``max_restarts``: how often a run restarts its workers after a worker or node died."""
+        check_engine_options(window=window, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                             placement=placement, max_restarts=max_restarts)
         self.config = config
         self.experiment = experiment or build_experiment(config)
         self.window = window
+        self.max_restarts = max_restarts
+        self.placement = placement
+        self.cpus_requested = cpus_per_worker
         self.cpus = _cpus_per_worker(config, cpus_per_worker)
         self.gpus = gpus_per_worker
         self.owns_pg = placement_group is None
@@ -149,20 +182,30 @@ class RayEngine:
             self.pg, self.first_bundle = self._reserve(placement), 0
         else:
             self.pg, self.first_bundle = placement_group, first_bundle
-        data_ref = ray.put(self.experiment.task_data)  # once; actors read it zero-copy
-        threads = max(1, int(self.cpus))
-        self.actors = self._spawn_actors(data_ref, threads)
+        self.data_ref = ray.put(self.experiment.task_data)  # once; actors read it zero-copy
         self.plan = self.experiment.plan
         self.degrees = [len(n) for n in self.plan.neighbors]
-        # Wait for every actor to be up, so startup (process spawn, torch import, model build) is
-        # not billed to training time, and a worker that cannot start fails here.
+        self.restarts = 0
         started = time.perf_counter()
+        try:
+            self._start_actors()
+        except WorkerFailure:
+            self.shutdown()
+            raise
+        self.startup_s = time.perf_counter() - started
+        if config.checkpoint_every is not None and not hasattr(self.actors[0], "save_checkpoint"):
+            self.shutdown()
+            raise UserError("--checkpoint-every is not supported by this engine's actors "
+                            f"({type(self).__name__}); drop it or use one worker per actor")
+
+    def _start_actors(self) -> None:
+        """Spawn the actors and wait for every one to be up, so startup (process spawn, torch import,
+        model build) is not billed to training time, and a worker that cannot start fails here."""
+        self.actors = self._spawn_actors(self.data_ref, max(1, int(self.cpus)))
         try:
             _fetch_metrics([actor.ping.remote() for actor in self.actors])
         except RayError as exc:
-            self.shutdown()
             raise WorkerFailure(f"a worker failed to start: {str(exc).strip().splitlines()[0]}") from None
-        self.startup_s = time.perf_counter() - started
 
     def _spawn_actors(self, data_ref, threads: int) -> list:
         """One actor per worker, worker ``rank`` in bundle ``first_bundle + rank`` (packing overrides this)."""
@@ -202,8 +245,21 @@ class RayEngine:
     def shutdown(self) -> None:
         for actor in getattr(self, "actors", []):
             ray.kill(actor)
-        if self.owns_pg:
+        self.actors = []
+        if self.owns_pg and self.pg is not None:
             remove_placement_group(self.pg)
+            self.pg = None
+
+    def _restart_actors(self) -> None:
+        """New actors for all workers, in a new placement group sized for the nodes still alive."""
+        self.shutdown()
+        if self.owns_pg:
+            try:
+                self.cpus = _cpus_per_worker(self.config, self.cpus_requested)
+                self.pg = self._reserve(self.placement)
+            except UserError as exc:
+                raise WorkerFailure(f"cannot place the workers again: {exc}") from None
+        self._start_actors()
 
     # ---------------------------------------------------------------- dataflow
     def _submit_step(self, outboxes: list[list] | None) -> list[list]:
@@ -214,9 +270,14 @@ class RayEngine:
             new.append(list(refs) if degree > 1 else [refs])
         return new
 
-    def _evaluate(self, outboxes: list[list], step: int, wall_start: float) -> dict:
-        for actor, inbox in zip(self.actors, self.plan.route(outboxes)):
-            actor.receive.remote(*inbox)
+    def _deliver(self, outboxes: list[list] | None) -> None:
+        """Every worker finishes its averaging with this step's messages: nothing stays in flight."""
+        if outboxes is not None:
+            for actor, inbox in zip(self.actors, self.plan.route(outboxes)):
+                actor.receive.remote(*inbox)
+
+    def _evaluate(self, outboxes: list[list] | None, step: int, wall_start: float) -> dict:
+        self._deliver(outboxes)
         metric_refs = [actor.evaluate.remote() for actor in self.actors]
         param_refs = [actor.params_ref.remote() for actor in self.actors]
         average_ref = self.actors[0].evaluate_average.remote(*param_refs)
@@ -236,43 +297,106 @@ class RayEngine:
         """Name the dead worker(s): a ping to a dead actor is ready at once with an error."""
         dead = []
         pings = {actor.ping.remote(): rank for rank, actor in enumerate(self.actors)}
-        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=30)
+        ready, unresponsive = ray.wait(list(pings), num_returns=len(pings), timeout=30)
         for ref in ready:
             try:
                 _fetch_metrics(ref)
             except RayError:
                 dead.append(pings[ref])
+        dead = sorted(dead + [pings[ref] for ref in unresponsive])
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        who = f"worker {dead[0]}" if len(dead) == 1 else (f"workers {dead}" if dead else "a worker")
-        return WorkerFailure(f"{who} died before step {step} ({type(exc).__name__}: {cause[:200]})")
+        if not dead:  # every actor answers: a worker's step raised (a bug, not a death); a replay would too
+            return WorkerFailure(f"a worker failed before step {step} ({type(exc).__name__}: {cause[:300]})")
+        who = f"worker {dead[0]}" if len(dead) == 1 else f"workers {dead}"
+        failure = WorkerFailure(f"{who} died before step {step} ({type(exc).__name__}: {cause[:200]})")
+        failure.dead = dead
+        return failure
 
-    def run(self, progress: bool = True) -> dict:
-        config, experiment = self.config, self.experiment
-        start = time.perf_counter()
-        recorder = RunRecorder(config.out, config)
-        total = experiment.total_steps
-        bar = Progress(total, f"{config.algorithm} (ray)", enabled=progress)
+    def _save_checkpoint(self, directory, step: int) -> list[dict]:
+        """Each actor writes its workers' files itself; the driver gets back small records."""
+        refs = [actor.save_checkpoint.remote(str(directory)) for actor in self.actors]
+        return self._guarded(lambda: _fetch_metrics(refs), step)
+
+    def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        refs = [actor.load_checkpoint.remote(str(checkpoint.directory)) for actor in self.actors]
+        try:
+            _fetch_metrics(refs)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, UserError):  # a bad file: the user's, not a dead worker
+                raise UserError(str(exc.cause)) from None
+            raise self._failure(exc, checkpoint.step) from None
+        except RayError as exc:
+            raise self._failure(exc, checkpoint.step) from None
+
+    def _train(self, first: int, recorder: RunRecorder, checkpoints: CheckpointStore | None, bar: Progress,
+               start: float) -> None:
+        """Steps ``first`` .. total-1 of the dataflow, with evaluations and checkpoints."""
+        config, total = self.config, self.experiment.total_steps
         in_flight: collections.deque[list] = collections.deque()
         outboxes = None
+        for step in range(first, total):
+            outboxes = self._submit_step(outboxes)
+            in_flight.append([ref for refs in outboxes for ref in refs])
+            if len(in_flight) > self.window:
+                # back-pressure: wait (without fetching) for the oldest step to finish
+                oldest = in_flight.popleft()
+                ray.wait(oldest, num_returns=len(oldest), fetch_local=False)
+            bar.advance()
+            done = step + 1
+            evaluate_now, checkpoint_now = config.evaluates_at(done, total), checkpoints is not None and \
+                config.checkpoints_at(done)
+            if evaluate_now:
+                row = self._evaluate(outboxes, done, start)
+                recorder.record(row)
+                bar.report(row)
+            elif checkpoint_now:
+                self._deliver(outboxes)
+            if evaluate_now or checkpoint_now:
+                outboxes = None  # delivered: a step boundary with nothing in flight
+                in_flight.clear()
+            if checkpoint_now:
+                directory = checkpoints.begin(done)
+                records = self._save_checkpoint(directory, done)
+                checkpoints.commit(done, records, time.perf_counter() - start)
+
+    def run(self, progress: bool = True, resume: Checkpoint | None = None) -> dict:
+        """Drive the run to its last step; ``resume``: continue from that checkpoint.
+
+        A dead worker or node (``WorkerFailure``) restarts every worker from the newest checkpoint
+        of this run, at most ``max_restarts`` times, with one line on stderr each time.
+        """
+        config, experiment = self.config, self.experiment
+        start = time.perf_counter() - (resume.wall_s if resume else 0.0)
+        recorder = RunRecorder(config.out, config, resume_step=resume.step if resume else None)
+        checkpoints = CheckpointStore.for_run(config, experiment.plan, latest=resume)
+        bar = Progress(experiment.total_steps, f"{config.algorithm} (ray)", enabled=progress)
+        restore = resume
         try:
-            for step in range(total):
-                outboxes = self._submit_step(outboxes)
-                in_flight.append([ref for refs in outboxes for ref in refs])
-                if len(in_flight) > self.window:
-                    # back-pressure: wait (without fetching) for the oldest step to finish
-                    oldest = in_flight.popleft()
-                    ray.wait(oldest, num_returns=len(oldest), fetch_local=False)
-                bar.advance()
-                if (step + 1) % config.eval_every == 0 or step + 1 == total:
-                    row = self._evaluate(outboxes, step + 1, start)
-                    outboxes = None
-                    in_flight.clear()
-                    recorder.record(row)
-                    bar.report(row)
+            while True:
+                try:
+                    if restore is not None:
+                        self._load_checkpoint(restore)
+                    first = restore.step if restore else 0
+                    recorder.truncate(first)  # a replay records its rows again
+                    bar.rewind(first)
+                    self._train(first, recorder, checkpoints, bar, start)
+                    break
+                except WorkerFailure as failure:
+                    if not getattr(failure, "dead", None):
+                        raise  # no actor died: restarting would replay the same error
+                    if self.restarts >= self.max_restarts:
+                        raise WorkerFailure(f"{failure}; gave up after {self.restarts} restart(s) "
+                                            f"(--max-restarts {self.max_restarts})") from None
+                    self.restarts += 1
+                    restore = checkpoints.latest if checkpoints is not None else resume
+                    where = f"checkpoint step {restore.step}" if restore else "step 0 (no checkpoint yet)"
+                    bar.note(f"relay-ray: {failure}; restarting all workers from {where} "
+                             f"(restart {self.restarts} of {self.max_restarts})")
+                    self._restart_actors()
         finally:
             bar.close()
         summary = summarize(experiment, recorder.rows, time.perf_counter() - start, "ray", cpus_per_worker=self.cpus,
-                            startup_s=self.startup_s, window=self.window)
+                            startup_s=self.startup_s, window=self.window, restarts=self.restarts)
         recorder.finish(summary)
         return summary
 
@@ -281,16 +405,19 @@ class RayEngine:
 
 
 def run_on_ray(config: RunConfig, address: str | None = None, progress: bool = True,
-               experiment: Experiment | None = None, **engine_options) -> dict:
-    """Run ``config`` on Ray (embedded unless ``address``/RAY_ADDRESS); returns the summary."""
+               experiment: Experiment | None = None, resume: Checkpoint | None = None, **engine_options) -> dict:
+    """Run ``config`` on Ray (embedded unless ``address``/RAY_ADDRESS); returns the summary.
+
+    ``resume``: continue from that checkpoint (``checkpoint.find_latest``)."""
     experiment = experiment or build_experiment(config)  # user errors before Ray starts
+    check_engine_options(**engine_options)
     started = connect(address)
     engine = None
     try:
         from relay_ray.packing import make_engine  # packing subclasses RayEngine: imported late
 
         engine = make_engine(config, experiment, **engine_options)
-        return engine.run(progress=progress)
+        return engine.run(progress=progress, resume=resume)
     finally:
         if engine is not None:
             engine.shutdown()

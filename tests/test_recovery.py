@@ -1,0 +1,166 @@
+"""The Ray engine survives: an interrupted driver resumes exactly, a killed worker actor is
+restarted from the last checkpoint (or step 0) and the run ends with the undisturbed numbers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from relay_ray.checkpoint import find_latest, load_worker, worker_header
+from relay_ray.config import RunConfig
+from relay_ray.engine import RayEngine, WorkerFailure
+from relay_ray.experiment import build_experiment
+from relay_ray.simulate import simulate
+
+pytestmark = pytest.mark.ray
+
+COMPARED = ("step", "train_loss", "test_acc_mean", "test_acc_worst", "test_acc_avg_model", "consensus_distance",
+            "bytes_sent_per_worker", "samples")
+
+
+def _config(algorithm, out, **overrides):
+    layout = dict(tree="chain") if algorithm == "relaysgd" else dict(topology="ring")
+    settings = dict(algorithm=algorithm, num_workers=4, dataset="digits", alpha=0.1, model="logreg", steps=100,
+                    eval_every=10, checkpoint_every=20, seed=5, lr=0.1, momentum=0.9, drop_prob=0.1, backend="ray",
+                    out=str(out), **layout)
+    settings.update(overrides)
+    return RunConfig(**settings)
+
+
+def _rows(out):
+    return [{k: row.get(k) for k in COMPARED} for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def _final_params(config, out):
+    experiment = build_experiment(config)
+    directory = out / "checkpoints" / "step-00000100"
+    return [load_worker(directory, rank, worker_header(config, experiment.plan))["algorithm"]["params"]
+            for rank in range(config.num_workers)]
+
+
+def _assert_close_rows(rows, reference, tol):
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for row, ref in zip(rows, reference):
+        for key in COMPARED:
+            assert row[key] == pytest.approx(ref[key], rel=tol, abs=tol), (row["step"], key)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted 100-step runs on the local backend (the oracle), per algorithm."""
+    runs = {}
+    for algorithm in ("relaysgd", "dsgd"):
+        out = tmp_path_factory.mktemp(f"ref-{algorithm}")
+        config = _config(algorithm, out, backend="local")
+        simulate(config, progress=False)
+        runs[algorithm] = (_rows(out), _final_params(config, out))
+    return runs
+
+
+class _Interrupt(BaseException):
+    """Stands in for the driver dying (the SIGKILL variant runs on the local backend: tests/test_checkpoint.py)."""
+
+
+@pytest.mark.parametrize("algorithm", ["relaysgd", "dsgd"])
+def test_interrupted_at_75_resumes_from_60_like_an_uninterrupted_run(ray_local, reference, algorithm, tmp_path,
+                                                                     monkeypatch):
+    config = _config(algorithm, tmp_path)
+    submit = RayEngine._submit_step
+    calls = {"n": 0}
+
+    def dying_submit(self, outboxes):
+        calls["n"] += 1
+        if calls["n"] == 76:  # step 75: rows up to 70 written, checkpoint 60 the newest
+            raise _Interrupt()
+        return submit(self, outboxes)
+
+    monkeypatch.setattr(RayEngine, "_submit_step", dying_submit)
+    engine = RayEngine(config, build_experiment(config))
+    try:
+        with pytest.raises(_Interrupt):
+            engine.run(progress=False)
+    finally:
+        engine.shutdown()
+    assert [r["step"] for r in _rows(tmp_path)] == [10, 20, 30, 40, 50, 60, 70]
+    monkeypatch.setattr(RayEngine, "_submit_step", submit)
+
+    experiment = build_experiment(config)
+    checkpoint, skipped = find_latest(tmp_path, config, experiment.plan)
+    assert checkpoint.step == 60 and skipped == []
+    engine = RayEngine(config, experiment)
+    try:
+        summary = engine.run(progress=False, resume=checkpoint)
+    finally:
+        engine.shutdown()
+    ref_rows, ref_params = reference[algorithm]
+    _assert_close_rows(_rows(tmp_path), ref_rows, 1e-6)  # row 70 recomputed once, not duplicated
+    for params, ref in zip(_final_params(config, tmp_path), ref_params):
+        np.testing.assert_allclose(params, ref, rtol=1e-6, atol=1e-6)
+    assert summary["final"]["step"] == 100 and summary["restarts"] == 0
+
+
+def test_killed_actor_restarts_from_checkpoint_with_the_same_numbers(ray_local, reference, tmp_path, monkeypatch,
+                                                                     capsys):
+    config = _config("relaysgd", tmp_path)
+    submit = RayEngine._submit_step
+    calls = {"n": 0}
+
+    def killing_submit(self, outboxes):
+        calls["n"] += 1
+        if calls["n"] == 47:
+            ray_local.kill(self.actors[2])
+        return submit(self, outboxes)
+
+    monkeypatch.setattr(RayEngine, "_submit_step", killing_submit)
+    engine = RayEngine(config, build_experiment(config))
+    try:
+        summary = engine.run(progress=False)
+    finally:
+        engine.shutdown()
+    notes = [line for line in capsys.readouterr().err.splitlines() if "restarting" in line]
+    assert len(notes) == 1 and "worker 2 died" in notes[0] and "from checkpoint step 40" in notes[0], notes
+    assert summary["restarts"] == 1
+    assert calls["n"] == 50 + 60, calls  # found dead at the evaluation at 50, replayed steps 40..99
+    _assert_close_rows(_rows(tmp_path), reference["relaysgd"][0], 1e-6)
+
+
+def test_killed_actor_without_checkpoints_restarts_from_step_0(ray_local, reference, tmp_path, monkeypatch, capsys):
+    config = _config("dsgd", tmp_path, checkpoint_every=None)
+    submit = RayEngine._submit_step
+    calls = {"n": 0}
+
+    def killing_submit(self, outboxes):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            ray_local.kill(self.actors[0])
+        return submit(self, outboxes)
+
+    monkeypatch.setattr(RayEngine, "_submit_step", killing_submit)
+    engine = RayEngine(config, build_experiment(config))
+    try:
+        summary = engine.run(progress=False)
+    finally:
+        engine.shutdown()
+    notes = [line for line in capsys.readouterr().err.splitlines() if "restarting" in line]
+    assert len(notes) == 1 and "from step 0 (no checkpoint yet)" in notes[0], notes
+    assert summary["restarts"] == 1
+    _assert_close_rows(_rows(tmp_path), reference["dsgd"][0], 1e-6)
+
+
+def test_gives_up_after_max_restarts(ray_local, tmp_path, monkeypatch):
+    config = _config("relaysgd", tmp_path, checkpoint_every=None, steps=40)
+    submit = RayEngine._submit_step
+
+    def killing_submit(self, outboxes):
+        if outboxes is None:  # the first step of every attempt: this worker never survives
+            ray_local.kill(self.actors[1])
+        return submit(self, outboxes)
+
+    monkeypatch.setattr(RayEngine, "_submit_step", killing_submit)
+    engine = RayEngine(config, build_experiment(config), max_restarts=1)
+    try:
+        with pytest.raises(WorkerFailure, match=r"worker 1 died .*gave up after 1 restart\(s\) \(--max-restarts 1\)"):
+            engine.run(progress=False)
+    finally:
+        engine.shutdown()
+    assert engine.restarts == 1
