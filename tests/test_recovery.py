@@ -12,7 +12,7 @@ from relay_ray.engine import RayEngine, WorkerFailure
 from relay_ray.experiment import build_experiment
 from relay_ray.simulate import simulate
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 COMPARED = ("step", "train_loss", "test_acc_mean", "test_acc_worst", "test_acc_avg_model", "consensus_distance",
             "bytes_sent_per_worker", "samples")
