@@ -211,8 +211,10 @@ class RunConfig:
     def load(cls, path: str | Path) -> "RunConfig":
         try:
             data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
+        except OSError as exc:
             raise UserError(f"cannot read run config {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"cannot read run config {path}: {yaml_error_line(exc)}") from None
         if not isinstance(data, dict):
             raise UserError(f"run config {path} must be a mapping of settings, got {type(data).__name__}")
         try:
@@ -253,6 +255,14 @@ def _typed(name: str, value, kind: str):
     wanted = {"int": "an integer", "float": "a number", "str": "a string", "str|float": "a string or a number",
               "floats": "a list of numbers"}[base]
     raise UserError(f"setting {name} must be {wanted}, got {value!r}")
+
+
+def yaml_error_line(exc: Exception) -> str:
+    """A YAML parse error in one line ("expected ',' or ']' at line 2, column 1"); PyYAML's own spans lines."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
 
 
 def _choice(flag: str, value, choices) -> None:

@@ -1,10 +1,17 @@
 """The real `relay-ray` CLI: bad input is one line and exit 2; runs write their files."""
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
+
+from relay_ray import cli
+from relay_ray.config import RunConfig
+from relay_ray.simulate import simulate
 
 SHARED_MNIST = "../shared/data/mnist"
 
@@ -20,6 +27,25 @@ def bad_files(tmp_path_factory):
     (root / "disconnected.txt").write_text("0 1\n2 3\n")
     (root / "malformed.txt").write_text("# a comment\n0 1\n1 two\n")
     (root / "out_of_range.txt").write_text("0 1\n1 7\n")
+    (root / "broken.yaml").write_text("steps: [1, 2\n")
+    (root / "list.yaml").write_text("- relaysgd\n- dsgd\n")
+    (root / "unknown_key.yaml").write_text("algorithm: relaysgd\nstepz: 10\n")
+    (root / "wrong_type.yaml").write_text("algorithm: relaysgd\nsteps: abc\n")
+    (root / "bad_value.yaml").write_text("algorithm: relaysgd\ndrop_prob: 2.0\n")
+    (root / "garbage.tar.gz").write_bytes(b"not a tar archive")
+    (root / "empty").mkdir()
+    # run directories for --resume: one with checkpoints, one whose every checkpoint lost its manifest,
+    # one without checkpoints, one with an unreadable config.yaml
+    good = RunConfig(algorithm="relaysgd", dataset="quadratics", num_workers=4, steps=4, eval_every=2,
+                     checkpoint_every=2, backend="local", out=str(root / "run"))
+    simulate(good, progress=False)
+    shutil.copytree(root / "run", root / "run_corrupt")
+    for manifest in (root / "run_corrupt" / "checkpoints").glob("*/manifest.json"):
+        manifest.unlink()
+    shutil.copytree(root / "run", root / "run_no_checkpoints")
+    shutil.rmtree(root / "run_no_checkpoints" / "checkpoints")
+    shutil.copytree(root / "run", root / "run_bad_config")
+    (root / "run_bad_config" / "config.yaml").write_text("algorithm: [relaysgd\n")
     return root
 
 
@@ -42,25 +68,91 @@ BAD_INPUTS = [
     (["--steps", "10", "--epochs", "1"], "not allowed with argument"),
     (["--topology", "social", "--workers", "16"], "'social' has 32 workers"),
     (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
+    # reliability flags (issue #7)
+    (["--drop-prob", "1.5"], "--drop-prob must be in [0, 1), got 1.5"),
+    (["--drop-prob", "-0.1"], "--drop-prob must be in [0, 1), got -0.1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be > 0, got 0"),
+    (["--keep", "0"], "--keep must be at least 1, got 0"),
+    (["--max-restarts", "-1"], "--max-restarts must be >= 0, got -1"),
+    (["--max-restarts", "two"], "argument --max-restarts: invalid int value: 'two'"),
+    # engine flags are checked before Ray starts
+    (["--window", "0"], "--window must be >= 1, got 0"),
+    (["--cpus-per-worker", "0"], "--cpus-per-worker must be > 0, got 0.0"),
+    (["--workers-per-actor", "0"], "--workers-per-actor must be >= 1, got 0"),
+    (["--eval-every", "0"], "--eval-every must be > 0, got 0"),
+    # data directories
+    (["--dataset", "cifar10", "--data-dir", "{dir}/garbage.tar.gz"], "garbage.tar.gz is not a tar archive"),
+    (["--dataset", "cifar10", "--data-dir", "{dir}/empty"], "empty has neither cifar-10-batches-py/"),
+    # run YAML (--config)
+    (["--config", "{dir}/broken.yaml"], "cannot read run config {dir}/broken.yaml"),
+    (["--config", "{dir}/list.yaml"], "run config {dir}/list.yaml must be a mapping of settings, got list"),
+    (["--config", "{dir}/unknown_key.yaml"], "unknown run setting(s): stepz"),
+    (["--config", "{dir}/wrong_type.yaml"], "setting steps must be an integer, got 'abc'"),
+    (["--config", "{dir}/bad_value.yaml"], "--drop-prob must be in [0, 1), got 2.0"),
+    (["--config", "{dir}/missing.yaml"], "--config {dir}/missing.yaml does not exist"),
+    # --resume directories
+    (["--resume", "{dir}/nowhere"], "--resume {dir}/nowhere does not exist"),
+    (["--resume", "{dir}/empty"], "--resume {dir}/empty has no config.yaml"),
+    (["--resume", "{dir}/run_no_checkpoints"], "no checkpoint in {dir}/run_no_checkpoints/checkpoints"),
+    (["--resume", "{dir}/run_corrupt"], "no usable checkpoint in {dir}/run_corrupt/checkpoints: step 4: incomplete"),
+    (["--resume", "{dir}/run_bad_config"], "cannot read run config {dir}/run_bad_config/config.yaml"),
+    (["--resume", "{dir}/run", "--algorithm", "dsgd"], "belongs to another run: algorithm 'relaysgd' there, 'dsgd'"),
+    (["--resume", "{dir}/run", "--workers", "8"], "belongs to another run: num_workers 4 there, 8 here"),
+    (["--resume", "{dir}/run", "--out", "{dir}/elsewhere"], "drop --out {dir}/elsewhere"),
+    (["--resume", "{dir}/run", "--config", "{dir}/run/config.yaml"], "give --config or --resume, not both"),
 ]
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if anything starts or attaches to Ray."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started for a bad input")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    yield
+    assert not ray.is_initialized()
+
+
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_and_exit_2(bad_files, args, message, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(bad_files, args, message, tmp_path, capsys, no_ray):
+    """Through the real CLI entry point (``main``) on the Ray backend: exit 2, one line naming the
+    bad value, no traceback, Ray never started (the no_ray fixture)."""
     args = [a.replace("{dir}", str(bad_files)) for a in args]
-    if "--steps" not in args:
-        args = ["--steps", "1", *args]
-    result = relay_ray("run", "--backend", "local", *args, "--out", str(tmp_path / "run"))
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    message = message.replace("{dir}", str(bad_files))
+    if "--resume" not in args:
+        args = [*args, "--out", str(tmp_path / "run")]
+        if "--steps" not in args and "--config" not in args:
+            args = ["--steps", "1", *args]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["run", *args])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert lines[0].startswith("relay-ray: error: ")
     assert message in lines[0]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in err
+
+
+def test_bad_input_in_a_real_process_starts_no_ray(bad_files):
+    """A few of the table's rows as real processes: still one line, and no Ray session directory
+    appears under the private RAY_TMPDIR."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    try:
+        for args in (["--window", "0"], ["--drop-prob", "1.5"], ["--resume", f"{bad_files}/run", "--workers", "8"]):
+            result = subprocess.run([sys.executable, "-m", "relay_ray", "run", *args], capture_output=True, text=True,
+                                    timeout=600, env={**__import__("os").environ, "RAY_TMPDIR": str(ray_tmp)})
+            assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+            assert list(ray_tmp.iterdir()) == [], list(ray_tmp.iterdir())
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_help_on_every_subcommand():
-    for sub in ("run", "compare", "topology", "partition"):
+    for sub in ("run", "compare", "topology", "partition"):  # tune: tests/test_tune.py
         result = relay_ray(sub, "--help")
         assert result.returncode == 0 and "usage: relay-ray " + sub in result.stdout
 
