@@ -99,10 +99,10 @@ def test_driver_only_fetches_small_metric_dicts(ray_local, monkeypatch, tmp_path
 
 def test_dead_actor_is_one_clear_error(ray_local, tmp_path):
     config = _config("relaysgd", dict(tree="chain"), steps=400, eval_every=200)
-    engine = RayEngine(config, build_experiment(config))
+    engine = RayEngine(config, build_experiment(config), max_restarts=0)  # restarts: tests/test_recovery.py
     ray_local.kill(engine.actors[5])
     try:
-        with pytest.raises(WorkerFailure, match=r"worker 5 died"):
+        with pytest.raises(WorkerFailure, match=r"worker 5 died .*gave up after 0 restart"):
             engine.run(progress=False)
     finally:
         engine.shutdown()
@@ -129,7 +129,7 @@ def test_dead_actor_through_the_cli_exits_1_with_one_line(ray_local, monkeypatch
 
     monkeypatch.setattr(RayEngine, "_submit_step", killing_submit)
     code = cli.main(["run", "--dataset", "digits", "--workers", "8", "--model", "logreg", "--steps", "100",
-                     "--eval-every", "50", "--quiet", "--out", str(tmp_path / "run")])
+                     "--eval-every", "50", "--max-restarts", "0", "--quiet", "--out", str(tmp_path / "run")])
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("relay-ray")]
     assert code == 1
     assert len(err_lines) == 1 and err_lines[0].startswith("relay-ray: error: worker 5 died"), err_lines
