@@ -287,3 +287,35 @@ def test_structural_check_catches_a_broken_manifest(breakage):
     mutate(doc)
     problems = kuberay_problems(doc)
     assert any(message in p for p in problems), problems
+
+
+# ------------------------------------------------------------------ cluster/autoscale.py
+
+
+def _autoscale_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cluster_autoscale", CLUSTER / "autoscale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_autoscale_wrapper_sizes_the_request_from_the_run_flags():
+    shape = _autoscale_module()._run_shape
+    assert shape(["relay-ray", "run", "--dataset", "digits", "--workers", "16", "--cpus-per-worker", "1"]) == (16, 1.0, 0.0)
+    assert shape(["relay-ray", "compare", "--workers", "8", "--cpus-per-worker", "0.5",
+                  "--gpus-per-worker", "0.25"]) == (8, 0.5, 0.25)
+    with pytest.raises(SystemExit, match="--workers and --cpus-per-worker"):
+        shape(["relay-ray", "run", "--workers", "16"])
+    with pytest.raises(SystemExit, match="expected a `relay-ray run"):
+        shape(["python", "train.py", "--workers", "16", "--cpus-per-worker", "1"])
+
+
+def test_autoscale_wrapper_counts_bundles_per_node():
+    fit = _autoscale_module()._bundles_that_fit
+    four_cpu_nodes = [{"CPU": 4.0}] * 4
+    assert fit(1.0, 0.0, four_cpu_nodes) == 16
+    assert fit(1.5, 0.0, four_cpu_nodes) == 8          # 2 per node, not 16 / 1.5
+    assert fit(1.0, 0.25, [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 16.0}]) == 4
+    assert fit(1.0, 0.0, [{"CPU": 0.0}]) == 0          # a head with no CPUs holds no worker
