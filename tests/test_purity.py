@@ -25,6 +25,7 @@ PURE_MODULES = [
     "relay_ray.experiment",
     "relay_ray.worker",
     "relay_ray.config",
+    "relay_ray.checkpoint",
 ]
 
 

@@ -2,6 +2,8 @@
 restarted from the last checkpoint (or step 0) and the run ends with the undisturbed numbers."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -58,7 +60,44 @@ def reference(tmp_path_factory):
 
 
 class _Interrupt(BaseException):
-    """Stands in for the driver dying (the SIGKILL variant runs on the local backend: tests/test_checkpoint.py)."""
+    """Stands in for the driver dying (a real SIGKILL of a driver process: the test below)."""
+
+
+# A driver process on the test's Ray instance that SIGKILLs itself when it submits step 75.
+KILLED_AT_75 = """
+import os, signal, sys
+from relay_ray import cli
+from relay_ray.engine import RayEngine
+submit, calls = RayEngine._submit_step, [0]
+def dying_submit(self, outboxes):
+    calls[0] += 1
+    if calls[0] == 76:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return submit(self, outboxes)
+RayEngine._submit_step = dying_submit
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigkilled_ray_driver_resumes_like_an_uninterrupted_run(ray_local, reference, tmp_path):
+    address = ray_local.get_runtime_context().gcs_address
+    out = tmp_path / "run"
+    flags = ["--algorithm", "relaysgd", "--tree", "chain", "--workers", "4", "--dataset", "digits", "--alpha", "0.1",
+             "--model", "logreg", "--steps", "100", "--eval-every", "10", "--checkpoint-every", "20", "--seed", "5",
+             "--lr", "0.1", "--momentum", "0.9", "--drop-prob", "0.1", "--cpus-per-worker", "0.5", "--quiet",
+             "--address", address]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_75, "run", *flags, "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr
+    assert [r["step"] for r in _rows(out)] == [10, 20, 30, 40, 50, 60, 70]
+    resumed = subprocess.run([sys.executable, "-m", "relay_ray", "run", "--resume", str(out), "--address", address,
+                              "--cpus-per-worker", "0.5", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"relay-ray: resuming {out} from step 60" in resumed.stderr
+    ref_rows, ref_params = reference["relaysgd"]
+    _assert_close_rows(_rows(out), ref_rows, 1e-6)
+    for params, ref in zip(_final_params(_config("relaysgd", out), out), ref_params):
+        np.testing.assert_allclose(params, ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("algorithm", ["relaysgd", "dsgd"])
