@@ -132,8 +132,8 @@ def _config_and_checkpoint(args: argparse.Namespace):
         return _config_from_args(args), None
     if args.resume is not None and args.config is not None:
         raise UserError("give --config or --resume, not both (a resumed run uses its own config.yaml)")
-    defaults = _run_settings(build_parser().parse_args(["run"]))
-    changed = {k: v for k, v in _run_settings(args).items() if v != defaults[k]}
+    given = _explicit_dests(getattr(args, "argv", None))
+    changed = {k: v for k, v in _run_settings(args).items() if k in given}  # settings are named as their dests
     if args.config is not None:
         if not Path(args.config).is_file():
             raise UserError(f"--config {args.config} does not exist or is not a file")
@@ -157,6 +157,16 @@ def _config_and_checkpoint(args: argparse.Namespace):
     else:
         print(f"{PROG}: resuming {run_dir} from step {checkpoint.step}", file=sys.stderr)
     return config, (checkpoint, experiment)
+
+
+def _explicit_dests(argv: list[str] | None) -> set[str]:
+    """The dests of the `run` flags given on the command line (argparse itself resolves
+    abbreviations): a parser whose defaults are all suppressed returns only those."""
+    parser = build_parser()
+    run = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    for action in run._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv or ["run"])))
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -341,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # --resume / --config: which flags were given
     if args.command is None:
         parser.print_help()
         return 2

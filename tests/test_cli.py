@@ -37,7 +37,7 @@ def bad_files(tmp_path_factory):
     # run directories for --resume: one with checkpoints, one whose every checkpoint lost its manifest,
     # one without checkpoints, one with an unreadable config.yaml
     good = RunConfig(algorithm="relaysgd", dataset="quadratics", num_workers=4, steps=4, eval_every=2,
-                     checkpoint_every=2, backend="local", out=str(root / "run"))
+                     checkpoint_every=2, seed=3, backend="local", out=str(root / "run"))
     simulate(good, progress=False)
     shutil.copytree(root / "run", root / "run_corrupt")
     for manifest in (root / "run_corrupt" / "checkpoints").glob("*/manifest.json"):
@@ -98,6 +98,7 @@ BAD_INPUTS = [
     (["--resume", "{dir}/run_bad_config"], "cannot read run config {dir}/run_bad_config/config.yaml"),
     (["--resume", "{dir}/run", "--algorithm", "dsgd"], "belongs to another run: algorithm 'relaysgd' there, 'dsgd'"),
     (["--resume", "{dir}/run", "--workers", "8"], "belongs to another run: num_workers 4 there, 8 here"),
+    (["--resume", "{dir}/run", "--seed", "0"], "seed 3 there, 0 here"),  # a flag given is an override, even = default
     (["--resume", "{dir}/run", "--out", "{dir}/elsewhere"], "drop --out {dir}/elsewhere"),
     (["--resume", "{dir}/run", "--config", "{dir}/run/config.yaml"], "give --config or --resume, not both"),
 ]
