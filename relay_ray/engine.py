@@ -345,6 +345,7 @@ class RayEngine:
             done = step + 1
             evaluate_now, checkpoint_now = config.evaluates_at(done, total), checkpoints is not None and \
                 config.checkpoints_at(done)
+            row = checkpoint = None
             if evaluate_now:
                 row = self._evaluate(outboxes, done, start)
                 recorder.record(row)
@@ -357,7 +358,12 @@ class RayEngine:
             if checkpoint_now:
                 directory = checkpoints.begin(done)
                 records = self._save_checkpoint(directory, done)
-                checkpoints.commit(done, records, time.perf_counter() - start)
+                checkpoint = checkpoints.commit(done, records, time.perf_counter() - start)
+            if row is not None or checkpoint is not None:
+                self._on_progress(done, row, checkpoint)
+
+    def _on_progress(self, step: int, row: dict | None, checkpoint: Checkpoint | None) -> None:
+        """After an evaluation and/or a committed checkpoint (a hook: Tune trials report here)."""
 
     def run(self, progress: bool = True, resume: Checkpoint | None = None) -> dict:
         """Drive the run to its last step; ``resume``: continue from that checkpoint.

@@ -9,6 +9,7 @@ The sweep directory ``OUT`` holds Tune's experiment (``OUT/<name>``, restorable 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,9 +22,11 @@ import ray
 import yaml
 from ray import tune
 
+from relay_ray.checkpoint import inspect_checkpoint
 from relay_ray.config import RunConfig
 from relay_ray.engine import RayEngine, connect
 from relay_ray.errors import UserError
+from relay_ray.experiment import build_experiment
 from relay_ray.sweep import VARIANT, Sweep, load_sweep, parse_sweep, run_settings
 
 CONFIG_PREFIX = "config/"
@@ -51,39 +54,49 @@ def _tune_metrics(row: dict) -> dict:
 
 
 class _TrialEngine(RayEngine):
-    """The engine, reporting every evaluation to Tune; the last report carries a checkpoint that marks
+    """The engine, reporting to Tune after every evaluation, with the run's checkpoint when one was just
+    written (Tune keeps it and hands it back when the trial is restored).  The last report also marks
     the trial finished, so a sweep restored after its driver died never re-runs a finished trial."""
 
-    def _evaluate(self, outboxes, step: int, *args, **kwargs) -> dict:
-        row = super()._evaluate(outboxes, step, *args, **kwargs)
-        if step < self.experiment.total_steps:
-            tune.report(_tune_metrics(row))
-            return row
+    def _on_progress(self, step: int, row: dict | None, checkpoint) -> None:
+        if row is None:
+            return  # a checkpoint between evaluations: reported with the next evaluation's
+        final = step == self.experiment.total_steps
         with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, FINAL_STATE).write_text(json.dumps({"step": step, "final": row}))
-            tune.report(_tune_metrics(row), checkpoint=tune.Checkpoint.from_directory(tmp))
-        return row
-
-
-def _finished_before(checkpoint) -> bool:
-    if checkpoint is None:
-        return False
-    with checkpoint.as_directory() as directory:
-        return Path(directory, FINAL_STATE).exists()
+            directory = Path(checkpoint.directory) if checkpoint is not None else Path(tmp)
+            if final:
+                (directory / FINAL_STATE).write_text(json.dumps({"step": step, "final": row}))
+            keep = checkpoint is not None or final
+            tune.report(_tune_metrics(row), checkpoint=tune.Checkpoint.from_directory(directory) if keep else None)
 
 
 def train_trial(settings: dict, cpus_per_worker: float, gpus_per_worker: float, window: int) -> None:
-    """Tune's function trainable: build the run from the trial's settings and drive it."""
-    if _finished_before(tune.get_checkpoint()):
-        return  # restored after it had finished: its final result is already in Tune's state
+    """Tune's function trainable: build the run from the trial's settings and drive it; a restored trial
+    continues from the checkpoint Tune hands back (or, if it had finished, does nothing)."""
     trial_dir = Path(tune.get_context().get_trial_dir())
-    config = RunConfig.from_dict({**run_settings(settings), "backend": "ray", "out": str(trial_dir / "run")})
-    engine = _TrialEngine(config, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, window=window,
-                          placement_group=ray.util.get_current_placement_group(), first_bundle=1)
-    try:
-        engine.run(progress=False)
-    finally:
-        engine.shutdown()
+    settings = {**run_settings(settings), "backend": "ray", "out": str(trial_dir / "run")}
+    config = RunConfig.from_dict(settings)
+    if config.checkpoint_every is None:  # a trial checkpoints at every evaluation unless told otherwise
+        config = RunConfig.from_dict({**settings, "checkpoint_every": config.eval_every, "keep": 2})
+    experiment = build_experiment(config)
+    restored = tune.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        resume = None
+        if restored is not None:
+            directory = Path(stack.enter_context(restored.as_directory()))
+            if (directory / FINAL_STATE).exists():
+                return  # it had finished: its final result is already in Tune's state
+            resume = inspect_checkpoint(directory, config, experiment.plan)
+            print(f"relay-ray tune: trial restored from its checkpoint at step {resume.step}", file=sys.stderr)
+            Path(config.out).mkdir(parents=True, exist_ok=True)
+            Path(config.out, "restored.json").write_text(json.dumps({"from_step": resume.step}) + "\n")
+        engine = _TrialEngine(config, experiment, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                              window=window, placement_group=ray.util.get_current_placement_group(),
+                              first_bundle=1)
+        try:
+            engine.run(progress=False, resume=resume)
+        finally:
+            engine.shutdown()
 
 
 def _trainable(sweep: Sweep):
@@ -164,6 +177,7 @@ def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = Non
                                             max_concurrent_trials=sweep.max_concurrent_trials),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, verbose=verbose,
                                           failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                           # each trial's run files (metrics.jsonl, curves.png) reach the storage
                                           sync_config=tune.SyncConfig(sync_artifacts=True)),
             )

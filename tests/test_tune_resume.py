@@ -1,4 +1,5 @@
-"""An interrupted sweep (its driver SIGKILLed) resumes with --resume and re-runs no finished trial."""
+"""An interrupted sweep (its driver SIGKILLed) resumes with --resume: finished trials are not re-run, the
+trial that was running continues from its last checkpoint, and every result equals an uninterrupted run."""
 
 import json
 import os
@@ -12,11 +13,14 @@ import pandas as pd
 import pytest
 import yaml
 
+from relay_ray.config import RunConfig
+from relay_ray.simulate import simulate
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SWEEP = {
     "name": "interrupted",
-    "base": {"dataset": "digits", "num_workers": 4, "alpha": 0.1, "steps": 60, "eval_every": 20},
+    "base": {"dataset": "digits", "num_workers": 4, "alpha": 0.1, "steps": 600, "eval_every": 100},
     "search": {"algorithm": {"grid_search": ["relaysgd", "dsgd"]}, "lr": {"grid_search": [0.05, 0.1]}},
     "resources": {"cpus_per_worker": 0.2, "driver_cpus": 0.2},
     "max_concurrent_trials": 1,
@@ -43,11 +47,16 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     finished = []
     try:
         deadline = time.monotonic() + 400
-        while not finished and time.monotonic() < deadline and first.poll() is None:
-            time.sleep(1)
+        # kill once the first trial has finished and the second has reported a checkpoint
+        while time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
             finished = sorted(out.glob("interrupted/*/run/summary.json"))
-        assert finished, f"no trial finished before the deadline: {first.stderr.read().decode()[-2000:] if first.poll() is not None else 'still running'}"
-        time.sleep(2)  # "interrupted after its first trials": Tune saves its state every second
+            if finished and list(out.glob("interrupted/*_00001_*/checkpoint_*")):
+                time.sleep(3)  # Tune records the checkpoint in its experiment state within a second
+                break
+        assert first.poll() is None and finished, (
+            f"the sweep did not reach its second trial's first checkpoint: "
+            f"{first.stderr.read().decode()[-2000:] if first.poll() is not None else 'deadline passed'}")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -58,12 +67,21 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr
+    restored = [json.loads(p.read_text())["from_step"] for p in out.glob("interrupted/*/run/restored.json")]
+    assert restored and all(step >= 100 for step in restored), \
+        f"the interrupted trial did not continue from its checkpoint: {restored}; {resumed.stderr[-2000:]}"
 
     after = {p.parent.parent.name: p.read_bytes() for p in out.glob("interrupted/*/run/summary.json")}
     assert len(after) == 4
     for trial, summary in before.items():
         assert after[trial] == summary, f"{trial} finished before the kill and was run again"
     results = pd.read_csv(out / "results.csv")
-    assert len(results) == 4 and (results["reports"] >= 3).all() and (results["step"] == 60).all()
+    assert len(results) == 4 and (results["step"] == 600).all()
     for trial in before:
-        assert json.loads(after[trial])["final"]["step"] == 60
+        assert json.loads(after[trial])["final"]["step"] == 600
+    # restored or not, every trial ends where an uninterrupted run of its settings ends
+    for row in results.to_dict("records"):
+        reference = simulate(RunConfig.from_dict({**SWEEP["base"], "algorithm": row["algorithm"], "lr": row["lr"],
+                                                  "backend": "local"}), progress=False)["final"]
+        for metric in ("test_acc_worst", "test_acc_avg_model", "consensus_distance"):
+            assert abs(row[metric] - reference[metric]) < 1e-5, (row["trial_id"], metric)
