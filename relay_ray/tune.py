@@ -109,12 +109,28 @@ def _trainable(sweep: Sweep):
     return tune.with_resources(trainable, resources)
 
 
+def _autoscaler_capacity() -> dict | None:
+    """What an autoscaling cluster can grow to (its cluster config), or None for a fixed cluster."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config() or None
+    except Exception:  # an internal API: without it, the current cluster is what a trial can get
+        return None
+
+
 def check_resources(sweep: Sweep) -> None:
-    """Fail before the sweep starts if its largest trial cannot fit in the cluster (Tune would wait forever)."""
+    """Fail before the sweep starts if its largest trial cannot fit in the cluster (Tune would wait forever).
+
+    On an autoscaling cluster the bound is what the cluster config lets it grow to, not what runs now."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total_cpu = sum(r.get("CPU", 0.0) for r in nodes)
     total_gpu = sum(r.get("GPU", 0.0) for r in nodes)
     largest_cpu = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
+    capacity = _autoscaler_capacity()
+    if capacity is not None:
+        total_cpu, total_gpu = max(total_cpu, capacity.get("CPU", 0)), max(total_gpu, capacity.get("GPU", 0))
+        largest_cpu = math.inf  # node types are the autoscaler's business
     for n in sweep.candidate_worker_counts():
         bundles = sweep.trial_bundles(n)
         need_cpu = sum(b["CPU"] for b in bundles)
