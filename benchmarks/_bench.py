@@ -74,11 +74,21 @@ def drive(engine, steps: int, warmup: int = 2, window: int | None = None) -> dic
             "driver_cpu_s": (time.process_time() - cpu_start) / steps}
 
 
+NOTES = "### Reading"  # a hand-written part of a section, kept when the script rewrites the numbers
+
+
 def write_section(path: Path, title: str, section: str) -> None:
-    """Replace (or append) the section ``title`` of RESULTS.md, leaving the others alone."""
+    """Replace (or append) the section ``title`` of RESULTS.md, leaving the others alone.
+
+    A ``### Reading`` subsection (the written diagnosis) survives: it is moved after the new numbers.
+    """
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
+    match = pattern.search(text)
+    if match:
+        old = match.group(0)
+        notes = old[old.index(NOTES):].rstrip("\n") if NOTES in old else ""
+        section = section.rstrip("\n") + ("\n\n" + notes if notes else "")
         text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
     else:
         text = text.rstrip("\n") + "\n\n" + section

@@ -16,7 +16,8 @@ how messages travel:
 Prints a Markdown table (ms/step, ratios to the floor and to gloo), writes comm.png and the
 section "## Communication" of RESULTS.md.
 
-    .venv/bin/python benchmarks/comm.py          # ~6 minutes on a 2-core CPU
+    .venv/bin/python benchmarks/comm.py          # 18 min measured on 2 cores under load 5-46
+    .venv/bin/python benchmarks/comm.py --trees chain --repeats 2   # about a third of that
 """
 
 from __future__ import annotations

@@ -217,9 +217,14 @@ class PackedRayEngine(RayEngine):
             new.append(list(refs) if returns > 1 else [refs])
         return new
 
-    def _evaluate(self, outboxes: list[list], step: int, wall_start: float) -> dict:
-        for actor, inbox in zip(self.actors, self._crossing_inboxes(outboxes)):
-            actor.receive.remote(*inbox)
+    def _deliver(self, outboxes: list[list] | None) -> None:
+        """Every worker finishes its averaging with this step's messages: nothing stays in flight."""
+        if outboxes is not None:
+            for actor, inbox in zip(self.actors, self._crossing_inboxes(outboxes)):
+                actor.receive.remote(*inbox)
+
+    def _evaluate(self, outboxes: list[list] | None, step: int, wall_start: float) -> dict:
+        self._deliver(outboxes)
         metric_refs = [actor.evaluate.remote() for actor in self.actors]
         param_refs = []
         for actor, ranks in zip(self.actors, self.layout.groups):
