@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from relay_ray.config import RunConfig  # noqa: E402
-from relay_ray.sweep import load_sweep, run_settings  # noqa: E402
+from relay_ray.sweep import load_sweep  # noqa: E402
 
 LR_SWEEP = ROOT / "tune_configs" / "cifar10_lr.yaml"
 ALPHAS = (1.0, 0.1, 0.01)

@@ -218,15 +218,20 @@ class RayEngine:
             for rank in range(self.config.num_workers)
         ]
 
+    def _bundles(self) -> tuple[int, str]:
+        """How many bundles (one per actor) the run reserves, and what they hold (for messages)."""
+        return self.config.num_workers, "workers"
+
     def _reserve(self, placement: str):
         self._check_resources()
+        count, what = self._bundles()
         bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
-        pg = placement_group([bundle] * self.config.num_workers, strategy=placement.upper())
+        pg = placement_group([bundle] * count, strategy=placement.upper())
         try:
             _fetch_metrics(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except GetTimeoutError:
             remove_placement_group(pg)
-            raise UserError(f"the cluster could not place {self.config.num_workers} workers x {bundle} within "
+            raise UserError(f"the cluster could not place {count} {what} x {bundle} within "
                             f"{PLACEMENT_TIMEOUT_S:.0f}s; available: {ray.available_resources()}") from None
         return pg
 

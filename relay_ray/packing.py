@@ -20,12 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError
-from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from relay_ray.algorithms import CommPlan
-from relay_ray.engine import PLACEMENT_TIMEOUT_S, RayEngine, _bundles_that_fit, _fetch_metrics, _node_cpus
+from relay_ray.engine import RayEngine, _bundles_that_fit, _fetch_metrics, _node_cpus
 from relay_ray.errors import UserError
 from relay_ray.experiment import WorkerSpec
 from relay_ray.metrics import consensus_distance, eval_row
@@ -178,17 +176,8 @@ class PackedRayEngine(RayEngine):
         if self.gpus and self.gpus * self.num_actors > ray.cluster_resources().get("GPU", 0) + 1e-9:
             raise UserError(f"{self.num_actors} actors x {self.gpus} GPU exceed the cluster's GPUs")
 
-    def _reserve(self, placement: str):
-        self._check_resources()
-        bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
-        pg = placement_group([bundle] * self.num_actors, strategy=placement.upper())
-        try:
-            _fetch_metrics(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except GetTimeoutError:
-            remove_placement_group(pg)
-            raise UserError(f"the cluster could not place {self.num_actors} actors x {bundle} within "
-                            f"{PLACEMENT_TIMEOUT_S:.0f}s; available: {ray.available_resources()}") from None
-        return pg
+    def _bundles(self) -> tuple[int, str]:
+        return self.num_actors, f"actors ({self.workers_per_actor} workers each)"
 
     def _spawn_actors(self, data_ref, threads: int) -> list:
         self.layout = GroupLayout.contiguous(self.experiment.plan, self.workers_per_actor)
