@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -73,6 +74,7 @@ class _TrialEngine(RayEngine):
 def train_trial(settings: dict, cpus_per_worker: float, gpus_per_worker: float, window: int) -> None:
     """Tune's function trainable: build the run from the trial's settings and drive it; a restored trial
     continues from the checkpoint Tune hands back (or, if it had finished, does nothing)."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint on the console
     trial_dir = Path(tune.get_context().get_trial_dir())
     settings = {**run_settings(settings), "backend": "ray", "out": str(trial_dir / "run")}
     config = RunConfig.from_dict(settings)
@@ -170,6 +172,7 @@ def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = Non
     # Save Tune's experiment state every second (default: at most every ~10 s), so an interrupted sweep
     # knows which trials had finished; a finished trial's final checkpoint covers the last second.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # that is on purpose
     storage_path = storage or str(out)
     experiment_path = f"{storage_path.rstrip('/')}/{sweep.name}"
 
