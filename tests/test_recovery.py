@@ -138,24 +138,29 @@ def test_interrupted_at_75_resumes_from_60_like_an_uninterrupted_run(ray_local, 
     assert summary["final"]["step"] == 100 and summary["restarts"] == 0
 
 
-def test_killed_actor_restarts_from_checkpoint_with_the_same_numbers(ray_local, reference, tmp_path, monkeypatch,
-                                                                     capsys):
-    config = _config("relaysgd", tmp_path)
+def _run_killing_actor(ray_local, monkeypatch, config, at_submit: int, actor: int):
+    """Run ``config`` on the engine, killing actor ``actor`` at the ``at_submit``-th step submission."""
     submit = RayEngine._submit_step
     calls = {"n": 0}
 
     def killing_submit(self, outboxes):
         calls["n"] += 1
-        if calls["n"] == 47:
-            ray_local.kill(self.actors[2])
+        if calls["n"] == at_submit:
+            ray_local.kill(self.actors[actor])
         return submit(self, outboxes)
 
     monkeypatch.setattr(RayEngine, "_submit_step", killing_submit)
     engine = RayEngine(config, build_experiment(config))
     try:
-        summary = engine.run(progress=False)
+        return engine.run(progress=False), calls
     finally:
         engine.shutdown()
+
+
+def test_killed_actor_restarts_from_checkpoint_with_the_same_numbers(ray_local, reference, tmp_path, monkeypatch,
+                                                                     capsys):
+    config = _config("relaysgd", tmp_path)
+    summary, calls = _run_killing_actor(ray_local, monkeypatch, config, at_submit=47, actor=2)
     notes = [line for line in capsys.readouterr().err.splitlines() if "restarting" in line]
     assert len(notes) == 1 and "worker 2 died" in notes[0] and "from checkpoint step 40" in notes[0], notes
     assert summary["restarts"] == 1
@@ -165,21 +170,7 @@ def test_killed_actor_restarts_from_checkpoint_with_the_same_numbers(ray_local, 
 
 def test_killed_actor_without_checkpoints_restarts_from_step_0(ray_local, reference, tmp_path, monkeypatch, capsys):
     config = _config("dsgd", tmp_path, checkpoint_every=None)
-    submit = RayEngine._submit_step
-    calls = {"n": 0}
-
-    def killing_submit(self, outboxes):
-        calls["n"] += 1
-        if calls["n"] == 25:
-            ray_local.kill(self.actors[0])
-        return submit(self, outboxes)
-
-    monkeypatch.setattr(RayEngine, "_submit_step", killing_submit)
-    engine = RayEngine(config, build_experiment(config))
-    try:
-        summary = engine.run(progress=False)
-    finally:
-        engine.shutdown()
+    summary, calls = _run_killing_actor(ray_local, monkeypatch, config, at_submit=25, actor=0)
     notes = [line for line in capsys.readouterr().err.splitlines() if "restarting" in line]
     assert len(notes) == 1 and "from step 0 (no checkpoint yet)" in notes[0], notes
     assert summary["restarts"] == 1
