@@ -98,3 +98,13 @@ def write_section(path: Path, title: str, section: str) -> None:
 def command_line(script: str, argv: list[str] | None) -> str:
     args = sys.argv[1:] if argv is None else argv
     return " ".join([f".venv/bin/python benchmarks/{script}", *args])
+
+
+def save_figure(fig, path, command: str, bottom: float = 0.04) -> None:
+    """Stamp the command that produced the figure on it, save and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.text(0.01, 0.01, f"command: {command}", fontsize=8, family="monospace")
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import command_line, drive, load_average, machine, start_ray, write_section  # noqa: E402
+from _bench import command_line, drive, load_average, machine, save_figure, start_ray, write_section  # noqa: E402
 
 from relay_ray.algorithms import make_algorithm  # noqa: E402
 from relay_ray.config import RunConfig  # noqa: E402
@@ -244,10 +244,7 @@ def plot(rows: list[dict], path: Path, command: str) -> None:
     ax.set_title("RelaySGD exchange alone, 16 workers, 2-core CPU")
     ax.legend(ncol=3, fontsize=9)
     ax.grid(alpha=0.3, axis="y", which="both")
-    fig.text(0.01, 0.01, f"command: {command}", fontsize=8, family="monospace")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, command)
 
 
 def table(rows: list[dict]) -> str:

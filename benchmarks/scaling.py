@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import command_line, drive, load_average, machine, start_ray, write_section  # noqa: E402
+from _bench import command_line, drive, load_average, machine, save_figure, start_ray, write_section  # noqa: E402
 
 from relay_ray.config import RunConfig  # noqa: E402
 from relay_ray.data import load_dataset  # noqa: E402
@@ -107,10 +107,7 @@ def plot(rows: list[dict], path: Path, command: str) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=9)
     fig.suptitle("RelaySGD (double binary trees), logreg on digits, 2-core CPU, median of repeats")
-    fig.text(0.01, 0.01, f"command: {command}", fontsize=8, family="monospace")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, command)
 
 
 def table(rows: list[dict]) -> str:

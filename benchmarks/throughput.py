@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import ROOT, command_line, drive, load_average, machine, start_ray, write_section  # noqa: E402
+from _bench import (  # noqa: E402
+    ROOT, command_line, drive, load_average, machine, save_figure, start_ray, write_section)
 
 from relay_ray.config import RunConfig  # noqa: E402
 from relay_ray.data import load_dataset  # noqa: E402
@@ -160,10 +161,7 @@ def plot(results: dict, path: Path, command: str, samples_per_step: int) -> None
     ax.set_ylim(0, max(values) * 1.25)
     ax.set_title("16 workers, small CNN on CIFAR-10, RelaySGD chain, 2-core CPU")
     ax.grid(alpha=0.3, axis="y")
-    fig.text(0.01, 0.01, f"command: {command}", fontsize=8, family="monospace")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, command, bottom=0.05)
 
 
 def table(results: dict, samples_per_step: int) -> str:
