@@ -28,7 +28,7 @@ import time
 import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from relay_ray.checkpoint import Checkpoint, CheckpointStore
@@ -252,7 +252,7 @@ class RayEngine:
             ray.kill(actor)
         self.actors = []
         if self.owns_pg and self.pg is not None:
-            remove_placement_group(self.pg)
+            _remove_and_wait(self.pg)
             self.pg = None
 
     def _restart_actors(self) -> None:
@@ -434,3 +434,21 @@ def run_on_ray(config: RunConfig, address: str | None = None, progress: bool = T
             engine.shutdown()
         if started:
             ray.shutdown()
+
+
+def _remove_and_wait(pg, timeout_s: float = 5.0) -> None:
+    """Remove ``pg`` and wait until the cluster's free resources show its bundles back. Removal is
+    asynchronous: a group reserved right after (a restart, the next run in the same process) would
+    otherwise see the old bundles as taken, and a SPREAD group would leave those nodes out."""
+    bundles = placement_group_table(pg).get("bundles", {}).values()
+    released = collections.Counter()
+    for bundle in bundles:
+        released.update({k: v for k, v in bundle.items() if k in ("CPU", "GPU")})
+    free_before = ray.available_resources()
+    remove_placement_group(pg)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free = ray.available_resources()
+        if all(free.get(k, 0) >= free_before.get(k, 0) + v - 1e-6 for k, v in released.items()):
+            return
+        time.sleep(0.05)
