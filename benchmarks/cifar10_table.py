@@ -11,7 +11,15 @@ momentum), D-SGD ring, D-SGD + QGM ring, D² ring and all-reduce.  Two phases, b
 
 Writes OUT/lr_sweep.csv, OUT/table.csv, OUT/table.md (beside the paper's numbers) and OUT/cifar10_table.png.
 
-    .venv/bin/python benchmarks/cifar10_table.py --data-dir ../shared/data/cifar10-jpg.tar.gz
+The defaults fit the whole grid (27 lr runs of 1 epoch, 27 table runs of 4 epochs, final evaluation
+on 2000 test images) in 90 minutes on 2 CPU cores:
+
+    .venv/bin/python benchmarks/cifar10_table.py
+
+The longer setting of benchmarks/cifar10/table.md (GPU machine, 10 epochs, all 10k test images):
+
+    python benchmarks/cifar10_table.py --device cuda --jobs 12 --epochs 10 --lr-epochs 3 \
+        --eval-samples 10000 --out benchmarks/cifar10
 """
 
 from __future__ import annotations
@@ -65,18 +73,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"),
                         help="CIFAR-10: torchvision root, ImageFolder tree or its .tar.gz")
-    parser.add_argument("--out", default="benchmarks/cifar10", help="output folder")
+    parser.add_argument("--out", default="benchmarks/cifar10/cpu", help="output folder")
     parser.add_argument("--model", default="cnn", help="model (cnn: 22k parameters; vgg11: the paper's)")
-    parser.add_argument("--epochs", type=float, default=10, help="epochs of the table runs")
-    parser.add_argument("--eval-samples", type=int, default=None,
-                        help="test images per final evaluation (default: all 10k)")
+    parser.add_argument("--epochs", type=float, default=4, help="epochs of the table runs")
+    parser.add_argument("--eval-samples", type=int, default=2000,
+                        help="test images per final evaluation (10000: all)")
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="LABEL",
                         help="which rows to run")
     parser.add_argument("--lrs-from", default=None, metavar="CSV",
                         help="results.csv of `relay-ray tune tune_configs/cifar10_lr.yaml` instead of phase 1")
     parser.add_argument("--lr", type=float, default=None, help="one lr for every variant (skips phase 1)")
-    parser.add_argument("--lr-epochs", type=float, default=None, help="epochs of the lr sweep (default: the sweep's)")
+    parser.add_argument("--lr-epochs", type=float, default=1, help="epochs of the lr sweep (the sweep file says 3)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (processes)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ how messages travel:
 Prints a Markdown table (ms/step, ratios to the floor and to gloo), writes comm.png and the
 section "## Communication" of RESULTS.md.
 
-    .venv/bin/python benchmarks/comm.py          # 18 min measured on 2 cores under load 5-46
+    .venv/bin/python benchmarks/comm.py          # budget 10 min: 9 min 37 s on 2 idle cores (18 min under load 5-46)
     .venv/bin/python benchmarks/comm.py --trees chain --repeats 2   # about a third of that
 """
 

@@ -13,7 +13,7 @@ Layouts: one actor per worker (``K=1``, only up to ``--max-unpacked`` workers: e
 process that imports torch, ~150 MB), and packing with ``--workers-per-actor`` = n/2 (2 actors,
 one per core) and 16.  The in-process simulator's step time is shown for reference.
 
-    .venv/bin/python benchmarks/scaling.py       # 21 min measured on 2 cores under load 7-76
+    .venv/bin/python benchmarks/scaling.py       # budget 10 min: 4 min 49 s on 2 idle cores (21 min under load 7-76)
     .venv/bin/python benchmarks/scaling.py --workers 4 16 64 256 --repeats 2   # about a third
 """
 

@@ -14,7 +14,7 @@ actor process, divided by its workers; for the simulator, this process / 16) and
 Ray's object store (sampled every 0.5 s).  Prints a Markdown table, writes throughput.png and the
 section "## Throughput" of RESULTS.md.
 
-    .venv/bin/python benchmarks/throughput.py    # 8 min measured on 2 cores under load 6-33
+    .venv/bin/python benchmarks/throughput.py    # budget 10 min: 2 min 21 s on 2 idle cores (8 min under load 6-33)
 """
 
 from __future__ import annotations
