@@ -11,7 +11,7 @@ momentum), D-SGD ring, D-SGD + QGM ring, D² ring and all-reduce.  Two phases, b
 
 Writes OUT/lr_sweep.csv, OUT/table.csv, OUT/table.md (beside the paper's numbers) and OUT/cifar10_table.png.
 
-The defaults fit the whole grid (27 lr runs of 1 epoch, 27 table runs of 4 epochs, final evaluation
+The defaults fit the whole grid (30 lr runs of 1 epoch, 30 table runs of 4 epochs, final evaluation
 on 2000 test images) in 90 minutes on 2 CPU cores:
 
     .venv/bin/python benchmarks/cifar10_table.py
@@ -52,6 +52,8 @@ VARIANTS = {
     "RelaySGD chain + momentum": dict(algorithm="relaysgd", tree="chain", momentum=0.9),
     "RelaySGD double-binary": dict(algorithm="relaysgd", tree="double-binary", momentum=0.0),
     "RelaySGD double-binary + momentum": dict(algorithm="relaysgd", tree="double-binary", momentum=0.9),
+    # not in the paper: the 1-step-delay tree (a hub), the control for the relay delay (relay_delay.py)
+    "RelaySGD star": dict(algorithm="relaysgd", topology="star", tree="bfs", momentum=0.0),
     "D-SGD ring": dict(algorithm="dsgd", topology="ring", momentum=0.0),
     "D-SGD + QGM ring": dict(algorithm="dsgd-qgm", topology="ring", momentum=0.9),
     "D² ring": dict(algorithm="d2", topology="ring", momentum=0.0),

@@ -63,6 +63,35 @@ def delay_of(settings: dict) -> tuple[int, float]:
     return max_delay(trees) - 1, lr_correction(trees)
 
 
+def plot(frame, delays: dict, path: Path, command: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, cd_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for color, label in enumerate(TREES):
+        rows = frame[frame["label"] == label].sort_values("lr")
+        name = f"{label} (delay ≤ {delays[label][0]})" if delays[label][0] else label
+        acc_ax.plot(rows["lr"], 100 * rows["test_acc_worst"], marker="o", color=f"C{color}", label=name)
+        if delays[label][0]:  # all-reduce's consensus distance is exactly 0: nothing to draw on a log axis
+            cd_ax.plot(rows["lr"], rows["consensus_distance"], marker="o", color=f"C{color}", label=name)
+    lrs = sorted(frame["lr"].unique())
+    for ax in (acc_ax, cd_ax):
+        ax.set_xscale("log")
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        ax.minorticks_off()
+        ax.set_xlabel("lr (before the RelaySGD correction)")
+        ax.grid(alpha=0.3)
+    acc_ax.set_ylabel("worst-worker test accuracy (%)")
+    cd_ax.set_ylabel("consensus distance (final; all-reduce: 0)")
+    cd_ax.set_yscale("log")
+    acc_ax.legend(fontsize=8)
+    cd_ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path, command, bottom=0.06)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not Path(args.data_dir).exists():
@@ -98,28 +127,8 @@ def main(argv=None) -> int:
     (out / "relay_delay.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (acc_ax, cd_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label in TREES:
-        rows = frame[frame["label"] == label].sort_values("lr")
-        name = f"{label} (delay ≤ {delays[label][0]})" if delays[label][0] else label
-        acc_ax.plot(rows["lr"], 100 * rows["test_acc_worst"], marker="o", label=name)
-        cd_ax.plot(rows["lr"], rows["consensus_distance"].clip(lower=1e-6), marker="o", label=name)
-    for ax in (acc_ax, cd_ax):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("lr (before the RelaySGD correction)")
-        ax.grid(alpha=0.3)
-    acc_ax.set_ylabel("worst-worker test accuracy (%)")
-    cd_ax.set_ylabel("consensus distance (final)")
-    cd_ax.set_yscale("log")
-    acc_ax.legend(fontsize=8)
-    fig.suptitle(f"RelaySGD's usable lr vs relay delay: CIFAR-10, small CNN, 16 workers, α={args.alpha:g}, "
-                 f"{args.epochs:g} epochs", fontsize=10)
-    save_figure(fig, out / "relay_delay.png", command.strip(), bottom=0.06)
+    plot(frame, delays, out / "relay_delay.png", command.strip(),
+         f"RelaySGD's usable lr vs relay delay: CIFAR-10, small CNN, 16 workers, α={args.alpha:g}, {args.epochs:g} epochs")
     print(f"wrote {out}/relay_delay.md, relay_delay.csv, relay_delay.png", flush=True)
     return 0
 
