@@ -39,6 +39,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _bench import command_line, save_figure  # noqa: E402
+
 from relay_ray.config import RunConfig  # noqa: E402
 from relay_ray.sweep import load_sweep  # noqa: E402
 
@@ -108,6 +111,18 @@ def _run(settings: dict, threads: int) -> dict:
             "steps": summary["steps"], "wall_s": time.perf_counter() - started}
 
 
+def prepare(args: argparse.Namespace, script: str) -> Path:
+    """Check --data-dir, create --out, and decode + cache CIFAR-10 once, before the run processes start."""
+    if not Path(args.data_dir).exists():
+        raise SystemExit(f"{script}: error: --data-dir {args.data_dir} does not exist")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from relay_ray.data import load_dataset
+
+    load_dataset("cifar10", args.data_dir)
+    return out
+
+
 def run_all(jobs: list[dict], args: argparse.Namespace, phase: str) -> pd.DataFrame:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     rows = []
@@ -172,7 +187,7 @@ def table_markdown(table: pd.DataFrame, alphas: list[float]) -> str:
     return "\n".join(lines)
 
 
-def plot(table: pd.DataFrame, alphas: list[float], path: Path, title: str) -> None:
+def plot(table: pd.DataFrame, alphas: list[float], path: Path, title: str, command: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,9 +207,7 @@ def plot(table: pd.DataFrame, alphas: list[float], path: Path, title: str) -> No
     ax.set_title(textwrap.fill(title, 110), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, command)
 
 
 def main(argv=None) -> int:
@@ -202,14 +215,8 @@ def main(argv=None) -> int:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"cifar10_table.py: error: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    if not Path(args.data_dir).exists():
-        raise SystemExit(f"cifar10_table.py: error: --data-dir {args.data_dir} does not exist")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    from relay_ray.data import load_dataset
-
-    load_dataset("cifar10", args.data_dir)  # decode + cache once, before the processes start
+    out = prepare(args, "cifar10_table.py")
     lrs = lr_phase(args)
     lr_s = time.perf_counter() - started
     print("lr per variant:", json.dumps(lrs), flush=True)
@@ -233,8 +240,8 @@ def main(argv=None) -> int:
                f"{args.jobs} runs side by side")
     (out / "table.md").write_text(f"{setting}\n\n{markdown}\n\nlr phase {lr_s / 60:.1f} min, total "
                                   f"{total_s / 60:.1f} min\n")
-    plot(table, args.alphas, out / "cifar10_table.png",
-         f"CIFAR-10 worst-worker accuracy: {setting}\n(benchmarks/cifar10_table.py)")
+    plot(table, args.alphas, out / "cifar10_table.png", f"CIFAR-10 worst-worker accuracy: {setting}",
+         command_line("cifar10_table.py", argv))
     print(markdown)
     print(f"lr phase {lr_s / 60:.1f} min, total {total_s / 60:.1f} min; wrote {out}/table.md, table.csv, "
           "cifar10_table.png", flush=True)

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _bench import save_figure  # noqa: E402
-from cifar10_table import run_all  # noqa: E402
+from _bench import command_line, save_figure  # noqa: E402
+from cifar10_table import prepare, run_all  # noqa: E402
 
 from relay_ray.config import RunConfig  # noqa: E402
 from relay_ray.experiment import build_topology  # noqa: E402
@@ -94,14 +94,8 @@ def plot(frame, delays: dict, path: Path, command: str, title: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not Path(args.data_dir).exists():
-        raise SystemExit(f"relay_delay.py: error: --data-dir {args.data_dir} does not exist")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    from relay_ray.data import load_dataset
-
-    load_dataset("cifar10", args.data_dir)  # decode + cache once, before the processes start
+    out = prepare(args, "relay_delay.py")
     base = dict(dataset="cifar10", data_dir=args.data_dir, model="cnn", num_workers=16, epochs=args.epochs,
                 batch_size=32, weight_decay=1e-4, momentum=0.0, alpha=args.alpha, seed=args.seed,
                 device=args.device, eval_samples=args.eval_samples, eval_every=10 ** 9)
@@ -114,7 +108,7 @@ def main(argv=None) -> int:
     frame = frame.sort_values(["max_delay", "lr"])
     frame.to_csv(out / "relay_delay.csv", index=False)
 
-    command = "python benchmarks/relay_delay.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("relay_delay.py", argv)
     lines = [f"CIFAR-10, small CNN, 16 workers, alpha {args.alpha:g}, {args.epochs:g} epochs, no momentum, "
              f"final test accuracy on {args.eval_samples} images; `{command.strip()}` "
              f"({(time.perf_counter() - started) / 60:.1f} min)", "",
