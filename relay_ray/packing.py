@@ -9,6 +9,11 @@ workers run the same algorithm objects in the same order, so a packed run comput
 as one actor per worker and as the in-process simulator (tests/test_packing.py).
 
 Contiguous groups keep a chain's messages almost all in process (2 crossing edges per group).
+
+Crossing messages (and models sent for evaluation) go back as task return values, which Ray writes
+once into the shared-memory store and the receiving task reads in place.  Ray returns values of
+100 KB or less inline to the caller, the driver, instead; those are ``ray.put`` first, so the
+driver only ever holds refs, whatever the model size (DESIGN §4).
 """
 
 from __future__ import annotations
@@ -30,6 +35,23 @@ from relay_ray.metrics import consensus_distance, eval_row
 from relay_ray.worker import Worker
 
 Edge = tuple[int, int]  # (sender, receiver)
+# Ray's max_direct_call_object_size (100 KiB): returns up to this size are inlined to the caller
+INLINE_RETURN_BYTES = 100 * 1024
+
+
+def _off_driver(value: np.ndarray):
+    """``value`` as a task return that never lands in the driver's memory: itself when Ray will
+    store it in the object store anyway, else the ref of a ``ray.put``."""
+    return value if value.nbytes > INLINE_RETURN_BYTES else ray.put(value)
+
+
+def _resolved(values) -> list:
+    """Task arguments with the refs made by ``_off_driver`` fetched (one ``ray.get`` for all)."""
+    values = list(values)
+    at = [i for i, v in enumerate(values) if isinstance(v, ray.ObjectRef)]
+    for i, fetched in zip(at, ray.get([values[i] for i in at])):
+        values[i] = fetched
+    return values
 
 
 @dataclass(frozen=True)
@@ -69,7 +91,6 @@ class WorkerGroup:
 
     worker_class = Worker
     failure: str | None = None
-    put_messages = False  # True: ray.put each crossing message and return its ref (as RayWorker does)
 
     def __init__(self, specs: list[WorkerSpec], task_data, num_threads: int | None, layout: GroupLayout,
                  group: int):
@@ -89,9 +110,7 @@ class WorkerGroup:
             raise
 
     def _inboxes(self, crossing: tuple) -> list[list[np.ndarray]]:
-        if self.put_messages:
-            crossing = ray.get(list(crossing))
-        messages = dict(zip(self.incoming_edges, crossing))
+        messages = dict(zip(self.incoming_edges, _resolved(crossing)))
         messages.update(self.local)
         return [[messages[(j, w.rank)] for j in self.plan.neighbors[w.rank]] for w in self.workers]
 
@@ -102,12 +121,8 @@ class WorkerGroup:
             with self._remember_failure(worker.rank):
                 for j, message in zip(self.plan.neighbors[worker.rank], worker.step(*inbox)):
                     sent[(worker.rank, j)] = message
-        crossing_out = [sent.pop(edge) for edge in self.outgoing_edges]
-        if self.put_messages:
-            crossing_out = [ray.put(message) for message in crossing_out]
+        crossing_out = [_off_driver(sent.pop(edge)) for edge in self.outgoing_edges]
         self.local = sent
-        # Messages go back as the task's return values: Ray stores each one (zero-copy numpy,
-        # in the shared-memory store when large) and the receiving group's task reads it in place.
         if len(crossing_out) > 1:
             return tuple(crossing_out)
         return crossing_out[0] if crossing_out else None
@@ -124,11 +139,12 @@ class WorkerGroup:
         return [worker.evaluate() for worker in self.workers]
 
     def params(self):
-        params = [worker.params() for worker in self.workers]
+        params = [_off_driver(worker.params()) for worker in self.workers]
         return tuple(params) if len(params) > 1 else params[0]
 
     def evaluate_average(self, *params: np.ndarray) -> dict:
         """Average the models (here, not on the driver), evaluate it, and the consensus distance."""
+        params = _resolved(params)
         average = np.mean(np.asarray(params, dtype=np.float64), axis=0).astype(np.float32)
         return {"avg_metric": self.workers[0].evaluate_params(average), "consensus": consensus_distance(list(params))}
 

@@ -1,6 +1,7 @@
 """Worker packing: several logical workers per actor compute what the simulator computes."""
 
 import json
+import time
 
 import pytest
 
@@ -78,3 +79,37 @@ def test_bad_workers_per_actor_is_a_clear_error(ray_local):
     config = _config("dsgd", dict(topology="ring"))
     with pytest.raises(ValueError, match=r"--workers-per-actor must be >= 1"):
         PackedRayEngine(config, build_experiment(config), workers_per_actor=0)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("per_actor", [1, 3], ids=["one-actor-per-worker", "packed-k3"])
+def test_no_message_or_model_lands_in_the_driver(ray_local, monkeypatch, per_actor, tmp_path):
+    """The mlp's messages and models (~38 kB) are small enough for Ray to return them inline to the
+    caller, the driver.  Sample the driver's in-process object memory after every submitted step
+    and evaluation: it may hold refs and metric dicts, never a message."""
+    from relay_ray.engine import RayEngine
+
+    config = _config("relaysgd", dict(tree="chain"), model="mlp", out=str(tmp_path))
+    experiment = build_experiment(config)
+    engine = (RayEngine(config, experiment) if per_actor == 1
+              else PackedRayEngine(config, experiment, workers_per_actor=per_actor))
+    message_bytes = 4 * (experiment.task_data.x_train[0].size * 128 + 128 + 128 * 10 + 10)  # a whole model
+    core_worker = ray_local._private.worker.global_worker.core_worker  # no public API says this
+    samples = []
+
+    def sampled(method):
+        def wrapper(*args, **kwargs):
+            result = method(*args, **kwargs)
+            time.sleep(0.05)  # let returns of finished tasks arrive
+            samples.append(core_worker.get_local_memory_store_bytes_used())
+            return result
+        return wrapper
+
+    monkeypatch.setattr(engine, "_submit_step", sampled(engine._submit_step))
+    monkeypatch.setattr(engine, "_evaluate", sampled(engine._evaluate))
+    try:
+        engine.run(progress=False)
+    finally:
+        engine.shutdown()
+    assert len(samples) >= config.steps
+    assert max(samples) < message_bytes, f"the driver held {max(samples)} bytes; one message is {message_bytes}"
