@@ -8,6 +8,7 @@ import pytest
 from relay_ray import cli
 from relay_ray.algorithms import build_plan
 from relay_ray.config import RunConfig
+from relay_ray.engine import RayEngine
 from relay_ray.experiment import build_experiment, build_topology
 from relay_ray.packing import GroupLayout, PackedRayEngine
 from tests.test_engine import _assert_same_rows, _config, _local_rows, _ray_rows
@@ -87,14 +88,12 @@ def test_no_message_or_model_lands_in_the_driver(ray_local, monkeypatch, per_act
     """The mlp's messages and models (~38 kB) are small enough for Ray to return them inline to the
     caller, the driver.  Sample the driver's in-process object memory after every submitted step
     and evaluation: it may hold refs and metric dicts, never a message."""
-    from relay_ray.engine import RayEngine
-
     config = _config("relaysgd", dict(tree="chain"), model="mlp", out=str(tmp_path))
     experiment = build_experiment(config)
     engine = (RayEngine(config, experiment) if per_actor == 1
               else PackedRayEngine(config, experiment, workers_per_actor=per_actor))
     message_bytes = 4 * (experiment.task_data.x_train[0].size * 128 + 128 + 128 * 10 + 10)  # a whole model
-    core_worker = ray_local._private.worker.global_worker.core_worker  # no public API says this
+    core_worker = ray_local._private.worker.global_worker.core_worker  # private: no public API reports this
     samples = []
 
     def sampled(method):
