@@ -76,9 +76,7 @@ PAPER = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"),
-                        help="CIFAR-10: torchvision root, ImageFolder tree or its .tar.gz")
-    parser.add_argument("--out", default="benchmarks/cifar10/cpu", help="output folder")
+    add_data_arguments(parser, out="benchmarks/cifar10/cpu")
     parser.add_argument("--model", default="cnn", help="model (cnn: 22k parameters; vgg11: the paper's)")
     parser.add_argument("--epochs", type=float, default=4, help="epochs of the table runs")
     parser.add_argument("--eval-samples", type=int, default=2000,
@@ -109,6 +107,13 @@ def _run(settings: dict, threads: int) -> dict:
     return {"test_acc_worst": final["test_acc_worst"], "test_acc_mean": final["test_acc_mean"],
             "test_acc_avg_model": final["test_acc_avg_model"], "consensus_distance": final["consensus_distance"],
             "steps": summary["steps"], "wall_s": time.perf_counter() - started}
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """--data-dir (default: the shared CIFAR-10 archive beside the clone) and --out."""
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"),
+                        help="CIFAR-10: torchvision root, ImageFolder tree or its .tar.gz")
+    parser.add_argument("--out", default=out, help="output folder")
 
 
 def prepare(args: argparse.Namespace, script: str) -> Path:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _bench import command_line, save_figure  # noqa: E402
-from cifar10_table import prepare, run_all  # noqa: E402
+from cifar10_table import add_data_arguments, prepare, run_all  # noqa: E402
 
 from relay_ray.config import RunConfig  # noqa: E402
 from relay_ray.experiment import build_topology  # noqa: E402
@@ -42,9 +42,7 @@ TREES = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"),
-                        help="CIFAR-10: torchvision root, ImageFolder tree or its .tar.gz")
-    parser.add_argument("--out", default="benchmarks/cifar10", help="output folder")
+    add_data_arguments(parser, out="benchmarks/cifar10")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--epochs", type=float, default=3)
