@@ -35,16 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relay_ray.config import RunConfig
+from relay_ray.config import RESUMABLE_CHANGES, RunConfig
 from relay_ray.errors import UserError
 
 WORKER_FORMAT = "relay_ray.worker-checkpoint/1"
 MANIFEST_FORMAT = "relay_ray.checkpoint/1"
 MANIFEST = "manifest.json"
 _NDARRAY = "__ndarray__"
-# Settings a resumed run may change: where it runs and how often it checkpoints; the others
-# define the trajectory and must equal those of the run that wrote the checkpoint.
-RESUMABLE_CHANGES = ("out", "backend", "checkpoint_every", "keep", "data_dir")
 
 
 def step_dirname(step: int) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from relay_ray.config import RunConfig
+from relay_ray import runner
+from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.experiment import build_experiment
 from relay_ray.metrics import plot_curves
 
@@ -46,11 +47,9 @@ def _layout(config: RunConfig) -> str:
     return config.topology or config.topology_file or "ring"
 
 
-def compare(configs: list[RunConfig], out_dir: str | None, address: str | None = None, progress: bool = True,
-            **engine_options) -> str:
+def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_dir: str | None = None,
+            address: str | None = None, progress: bool = True) -> str:
     """Run every config (same data, split and seed) and return the Markdown table."""
-    from relay_ray.cli import run_config
-
     experiments = [build_experiment(configs[0])]  # validates + loads data once
     for config in configs[1:]:  # every user error surfaces before the first run starts
         experiments.append(build_experiment(config, task_data=experiments[0].task_data))
@@ -65,7 +64,7 @@ def compare(configs: list[RunConfig], out_dir: str | None, address: str | None =
         for config, experiment in zip(configs, experiments):
             if out is not None:
                 config.out = str(out / config.algorithm)
-            summary = run_config(config, address=address, progress=progress, experiment=experiment, **engine_options)
+            summary = runner.run(config, options, address=address, progress=progress, experiment=experiment)
             summary["layout"] = _layout(config)
             summaries[config.algorithm] = summary
             if config.out:

@@ -12,14 +12,14 @@ from pathlib import Path
 import yaml
 
 from relay_ray.algorithms import ALGORITHMS, TREE_ALGORITHMS
-from relay_ray.data import DATASETS
 from relay_ray.errors import UserError
-from relay_ray.models import MODELS
+from relay_ray.names import DATASETS, MODELS
 from relay_ray.topology import GRAPHS, TREES
 
 TASKS = DATASETS + ("quadratics",)
 BACKENDS = ("ray", "local")
 DEVICES = ("cpu", "cuda")
+ENGINE_RECORD = "engine"  # the key of config.yaml that records how the run executed
 
 # Per-task defaults for the settings left unset: what a user gets from `relay-ray run --dataset X`.
 TASK_DEFAULTS = {
@@ -33,6 +33,14 @@ TASK_DEFAULTS = {
                     eval_every=200),
 }
 
+DATA_HELP = (
+    "where the dataset lives. digits: built into scikit-learn (no files). "
+    "mnist: a folder with the idx files train-/t10k-images-idx3-ubyte(.gz) and -labels-idx1-ubyte(.gz). "
+    "cifar10: a torchvision root (with cifar-10-batches-py/), an ImageFolder tree train/<class>/*.jpg + "
+    "test/<class>/*.jpg, or a .tar.gz of such a tree. Without it, CIFAR-10/MNIST are downloaded by "
+    "torchvision into ~/.cache/relay_ray/data (needs internet)."
+)
+
 DATA_HINTS = {
     "cifar10": "put CIFAR-10 there (a torchvision root with cifar-10-batches-py/, an ImageFolder tree "
                "train/<class>/*.jpg + test/<class>/*.jpg, or its .tar.gz), or drop --data-dir on a machine with "
@@ -44,38 +52,77 @@ DATA_HINTS = {
 }
 
 
+def parse_alpha(text: str) -> float:
+    """A Dirichlet alpha from text: a number, or inf for iid data."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"invalid alpha {text!r}; a number > 0, or inf for iid data") from None
+
+
+def setting(default, help: str, *, flag: str | None = "", metavar: str | None = None, choices=None, parse=None,
+            kind: str | None = None, exclusive: str | None = None, resumable: bool = False, group: str = "run"):
+    """A run setting declared once: its default, and what its CLI flag, YAML type and resume rule derive from.
+
+    ``flag``: the CLI flag ("" = --kebab-case of the name, None = no derived flag); ``exclusive``: flags
+    sharing this name are mutually exclusive; ``resumable``: a resumed run may change it."""
+    metadata = dict(help=help, flag=flag, metavar=metavar, choices=choices, parse=parse, kind=kind,
+                    exclusive=exclusive, resumable=resumable, group=group)
+    if default is list:
+        return field(default_factory=list, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run; ``None`` fields take the task's defaults (``TASK_DEFAULTS``)."""
 
-    algorithm: str = "relaysgd"
-    topology: str | None = None  # None: ring for gossip; the tree itself for relay algorithms
-    topology_file: str | None = None
-    tree: str = "auto"
-    num_workers: int | None = None  # None: 16, or what --topology social / --topology-file define
-    dataset: str = "digits"
-    data_dir: str | None = None
-    alpha: float = 1.0
-    heterogeneity: float = 10.0  # zeta^2 of the quadratics task
-    model: str | None = None
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float | None = None
-    lr_correction: str = "auto"  # auto | none | a float
-    warmup_steps: int = 0
-    decay_at: list[float] = field(default_factory=list)  # fractions of the run, lr *= 0.1 at each
-    momentum: float | None = None
-    weight_decay: float | None = None
-    batch_size: int | None = None
-    eval_every: int | None = None
-    eval_samples: int | None = None  # test samples per evaluation (None: the whole test set)
-    seed: int = 0
-    device: str = "cpu"  # where a worker's model computes: cpu or cuda (with --gpus-per-worker on Ray)
-    drop_prob: float = 0.0  # each received message is lost with this probability (seeded per step and edge)
-    checkpoint_every: int | None = None  # write a checkpoint every K steps (OUT/checkpoints/step-XXXXXXXX/)
-    keep: int = 3  # complete checkpoints kept; older ones are pruned
-    backend: str = "ray"
-    out: str | None = None
+    algorithm: str = setting("relaysgd", f"decentralized algorithm: {', '.join(ALGORITHMS)} (default: relaysgd)",
+                             metavar="A")
+    topology: str | None = setting(None, f"communication graph: {', '.join(GRAPHS)} (default: ring for gossip; for "
+                                   "relay algorithms the tree itself)", metavar="T")
+    topology_file: str | None = setting(None, "graph as an edge list: one 'u v' per line, '#' comments, nodes 0..n-1",
+                                        metavar="F")
+    tree: str = setting("auto", f"spanning tree(s) for relay algorithms: {', '.join(TREES)}; auto = bfs of "
+                        "--topology, or chain without one (default: auto)", metavar="TREE")
+    num_workers: int | None = setting(None, "number of workers (default: 16; 32 for --topology social)",
+                                      flag="--workers")
+    dataset: str = setting("digits", f"{', '.join(TASKS)} (default: digits, offline)", metavar="D")
+    data_dir: str | None = setting(None, DATA_HELP, metavar="DIR", resumable=True)
+    alpha: float = setting(1.0, "Dirichlet non-iid-ness of the split: small = each worker sees few classes; "
+                           "inf = iid (default: 1.0)", parse=parse_alpha)
+    heterogeneity: float = setting(10.0, "quadratics only: zeta^2 = mean_i ||grad f_i(x*)||^2 (default: 10)",
+                                   metavar="ZETA2")
+    model: str | None = setting(None, f"{', '.join(MODELS)} (default per dataset: digits mlp, mnist cnn, cifar10 "
+                                "resnet20)", metavar="M")
+    steps: int | None = setting(None, "number of steps", exclusive="length")
+    epochs: float | None = setting(None, "number of epochs over a worker's shard", exclusive="length")
+    lr: float | None = setting(None, "learning rate (default per dataset)")
+    lr_correction: str = setting("auto", "RelaySGD's lr multiplier: auto = computed from the tree (5.4 for a "
+                                 "16-chain), none, or a number (default: auto)", metavar="{auto,none,FLOAT}",
+                                 kind="str|float")
+    warmup_steps: int = setting(0, "linear lr warm-up steps (default: 0)")
+    decay_at: list[float] = setting(list, "fractions of the run where the lr is multiplied by 0.1 (e.g. 0.75 0.9)",
+                                    metavar="FRAC")
+    momentum: float | None = setting(None, "local Nesterov momentum (default per dataset)")
+    weight_decay: float | None = setting(None, "weight decay (default per dataset)")
+    batch_size: int | None = setting(None, "batch size per worker (default: 32)")
+    eval_every: int | None = setting(None, "evaluate every K steps (default per dataset)")
+    eval_samples: int | None = setting(None, "test samples per evaluation (default: the whole test set)")
+    seed: int = setting(0, "random seed: data split, init, batches (default: 0)")
+    device: str = setting("cpu", f"where each worker's model computes: {', '.join(DEVICES)}; cuda on Ray gives "
+                          "each actor a GPU unless --gpus-per-actor says otherwise (default: cpu)", choices=DEVICES)
+    drop_prob: float = setting(0.0, "unreliable links: each received message is lost with probability P, seeded per "
+                               "step and edge; RelaySGD fills the gap with x0, gossip renormalises (default: 0)",
+                               metavar="P")
+    backend: str = setting("ray", f"{' or '.join(BACKENDS)}: Ray actors, or all workers in this process "
+                           "(default: ray)", metavar="B", resumable=True)
+    # outputs: where the run writes and how often it checkpoints (a resume may change them)
+    checkpoint_every: int | None = setting(None, "write a checkpoint every K steps to OUT/checkpoints/ "
+                                           "(default: none)", metavar="K", resumable=True, group="output")
+    keep: int = setting(3, "complete checkpoints to keep; older ones are deleted (default: 3)", metavar="N",
+                        resumable=True, group="output")
+    out: str | None = setting(None, "output directory", resumable=True, group="output", flag=None)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -200,11 +247,15 @@ class RunConfig:
             data[name] = _typed(name, value, _FIELD_TYPES[name])
         return cls(**data)
 
-    def dump(self, path: str | Path) -> None:
-        """Written to a temporary file and renamed: a reader never sees half a config."""
+    def dump(self, path: str | Path, engine: dict | None = None) -> None:
+        """Written to a temporary file and renamed: a reader never sees half a config.
+
+        ``engine``: how the run executed (actors, resources), saved under ``engine:`` as a record;
+        it never changes the numbers, so ``load`` leaves it out."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        data = {**self.to_dict(), **({ENGINE_RECORD: engine} if engine else {})}
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
         os.replace(tmp, path)
 
     @classmethod
@@ -217,22 +268,73 @@ class RunConfig:
             raise UserError(f"cannot read run config {path}: {yaml_error_line(exc)}") from None
         if not isinstance(data, dict):
             raise UserError(f"run config {path} must be a mapping of settings, got {type(data).__name__}")
+        data.pop(ENGINE_RECORD, None)  # how an earlier run executed: a record, not a setting
         try:
             return cls.from_dict(data)
         except UserError as exc:
             raise UserError(f"run config {path}: {exc}") from None
 
 
-# What each setting may be in a YAML file (a sweep or a run config): checked before validation,
-# so a string where a number belongs is one clear line, not a TypeError deep inside.
-_FIELD_TYPES = {
-    "topology": "str?", "topology_file": "str?", "num_workers": "int?", "data_dir": "str?", "model": "str?",
-    "steps": "int?", "epochs": "float?", "lr": "float?", "lr_correction": "str|float", "warmup_steps": "int",
-    "decay_at": "floats", "momentum": "float?", "weight_decay": "float?", "batch_size": "int?",
-    "eval_every": "int?", "eval_samples": "int?", "seed": "int", "alpha": "float", "heterogeneity": "float",
-    "drop_prob": "float", "checkpoint_every": "int?", "keep": "int", "out": "str?",
-    "algorithm": "str", "tree": "str", "dataset": "str", "backend": "str", "device": "str",
-}
+WORKERS_PER_ACTOR_AUTO = "auto"
+PLACEMENTS = ("spread", "pack")
+
+
+@dataclass
+class EngineOptions:
+    """Where and how a run executes on Ray; none of it changes the numbers a run computes.
+
+    ``workers_per_actor``: ``"auto"`` (one actor per CPU core, or per GPU, the run may use; never more
+    actors than workers) or K workers in each actor.  ``cpus_per_actor`` / ``gpus_per_actor``: each
+    actor's bundle (default CPUs: the cluster's CPUs shared by the actors).
+    """
+
+    workers_per_actor: int | str = setting(
+        WORKERS_PER_ACTOR_AUTO, "workers in each Ray actor: auto = one actor per CPU core (or per GPU) the run may "
+        "use, never more actors than workers; K = K workers per actor, 1 = one actor per worker (default: auto)",
+        metavar="{auto,K}", kind="str|int")
+    cpus_per_actor: float | None = setting(None, "CPUs reserved per actor (default: the cluster's CPUs shared by "
+                                           "the actors)")
+    gpus_per_actor: float | None = setting(None, "GPUs per actor, e.g. 0.25 (default: 1 with --device cuda, else 0)")
+    placement: str = setting("spread", "spread the actors over nodes or pack them (default: spread)",
+                             choices=PLACEMENTS)
+    window: int = setting(4, "steps the driver may run ahead of the slowest worker (default: 4)")
+    max_restarts: int = setting(3, "when an actor or its node dies, restart all workers from the last checkpoint "
+                                "(or step 0) at most N times, then give up (default: 3)", metavar="N")
+
+    def __post_init__(self) -> None:
+        if self.workers_per_actor != WORKERS_PER_ACTOR_AUTO:
+            try:
+                self.workers_per_actor = int(self.workers_per_actor)
+            except (TypeError, ValueError):
+                raise UserError(f"--workers-per-actor must be auto or an integer, got {self.workers_per_actor!r}") \
+                    from None
+            if self.workers_per_actor < 1:
+                raise UserError(f"--workers-per-actor must be >= 1, got {self.workers_per_actor}")
+        if self.cpus_per_actor is not None and not self.cpus_per_actor > 0:
+            raise UserError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.gpus_per_actor is not None and not self.gpus_per_actor >= 0:
+            raise UserError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        _choice("placement", self.placement, PLACEMENTS)
+        if self.window < 1:
+            raise UserError(f"--window must be >= 1, got {self.window}")
+        if self.max_restarts < 0:
+            raise UserError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+
+
+# What each setting may be in a YAML file (a sweep or a run config), derived from the annotations:
+# checked before validation, so a string where a number belongs is one clear line, not a TypeError.
+_ANNOTATION_KINDS = {"str": "str", "str | None": "str?", "int": "int", "int | None": "int?", "float": "float",
+                     "float | None": "float?", "list[float]": "floats"}
+
+
+def field_kind(f: dataclasses.Field) -> str:
+    return f.metadata.get("kind") or _ANNOTATION_KINDS[f.type]
+
+
+_FIELD_TYPES = {f.name: field_kind(f) for f in dataclasses.fields(RunConfig)}
+# Settings a resumed run may change (where it runs, its data's location, its outputs); the others
+# define the trajectory and must equal those of the run that wrote the checkpoint.
+RESUMABLE_CHANGES = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("resumable"))
 
 
 def _typed(name: str, value, kind: str):

@@ -25,7 +25,7 @@ import torch
 
 from relay_ray.errors import DataError, UserError
 
-DATASETS = ("digits", "mnist", "cifar10")
+from relay_ray.names import DATASETS  # noqa: E402, F401  (re-exported)
 
 # Standard CIFAR-10 label order (torchvision / the original batches.meta).  It happens to be
 # alphabetical, so an ImageFolder tree whose class folders are sorted gets the same indices.

@@ -87,12 +87,13 @@ class RunRecorder:
     (written after the checkpoint by the interrupted run) are dropped, not duplicated.
     """
 
-    def __init__(self, out_dir: str | Path | None, config: RunConfig, resume_step: int | None = None):
+    def __init__(self, out_dir: str | Path | None, config: RunConfig, resume_step: int | None = None,
+                 engine: dict | None = None):
         self.out_dir = Path(out_dir) if out_dir else None
         self.rows: list[dict] = []
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            config.dump(self.out_dir / "config.yaml")
+            config.dump(self.out_dir / "config.yaml", engine=engine)
             self.metrics_path = self.out_dir / "metrics.jsonl"
             if resume_step is not None:
                 self.rows = read_rows(self.metrics_path)

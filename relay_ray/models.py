@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-MODELS = ("logreg", "mlp", "cnn", "resnet20", "vgg11")
+from relay_ray.names import MODELS  # noqa: E402, F401  (re-exported)
 
 MLP_HIDDEN = 128
 RESNET_GROUPS = 2  # GroupNorm groups; 2 as in Hsieh et al. 2020 ("The Non-IID Data Quagmire")

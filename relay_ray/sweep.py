@@ -25,7 +25,7 @@ METRICS = ("test_acc_worst", "test_acc_mean", "test_acc_avg_model", "train_loss"
            "suboptimality", "suboptimality_worst")
 SWEEP_KEYS = ("name", "description", "base", "search", "metric", "mode", "num_samples", "scheduler", "resources",
               "max_failures", "max_concurrent_trials")
-RESOURCE_KEYS = ("cpus_per_worker", "gpus_per_worker", "driver_cpus", "window")
+RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial", "driver_cpus", "workers_per_actor", "window")
 SCHEDULER_KEYS = {"fifo": (), "asha": ("max_t", "grace_period", "reduction_factor")}
 # Settings a sweep owns itself: every trial runs on Ray and writes into its own trial directory.
 NOT_SEARCHABLE = ("backend", "out")
@@ -50,25 +50,37 @@ class Sweep:
     description: str = ""
 
     @property
-    def cpus_per_worker(self) -> float:
-        return float(self.resources.get("cpus_per_worker", 0.25))
+    def cpus_per_trial(self) -> float:
+        """CPUs of a trial's actors (its driver's come on top)."""
+        return float(self.resources.get("cpus_per_trial", 1.0))
 
     @property
-    def gpus_per_worker(self) -> float:
-        return float(self.resources.get("gpus_per_worker", 0.0))
+    def gpus_per_trial(self) -> float:
+        return float(self.resources.get("gpus_per_trial", 0.0))
 
     @property
     def driver_cpus(self) -> float:
-        return float(self.resources.get("driver_cpus", 0.25))
+        return float(self.resources.get("driver_cpus", 0.1))
 
     @property
     def window(self) -> int:
         return int(self.resources.get("window", 4))
 
+    def trial_shape(self, num_workers: int):
+        """A trial's actors: ``workers_per_actor`` (auto: one actor per whole CPU of ``cpus_per_trial``),
+        each with an equal share of the trial's CPUs and GPUs (the engine's own rule, on the trial's budget)."""
+        from relay_ray.config import EngineOptions
+        from relay_ray.engine.placement import ActorShape, actor_shape
+
+        options = EngineOptions(workers_per_actor=self.resources.get("workers_per_actor", "auto"))
+        shape = actor_shape(num_workers, options, "cpu", [{"CPU": self.cpus_per_trial}])
+        return ActorShape(num_workers, shape.num_actors, shape.cpus, self.gpus_per_trial / shape.num_actors,
+                          shape.auto)
+
     def trial_bundles(self, num_workers: int) -> list[dict]:
-        """Bundle 0 runs the trial's driver; bundle 1 + rank holds worker ``rank``."""
-        worker = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
-        return [{"CPU": self.driver_cpus}] + [worker] * num_workers
+        """Bundle 0 runs the trial's driver; bundle 1 + g holds actor g."""
+        shape = self.trial_shape(num_workers)
+        return [{"CPU": self.driver_cpus}] + [shape.bundle] * shape.num_actors
 
     def fixed_settings(self, sampled: dict) -> dict:
         return run_settings({**self.base, **sampled})
@@ -217,9 +229,13 @@ def parse_sweep(data, path: str | Path = "sweep.yaml") -> Sweep:
     if unknown:
         _fail(path, f"resources: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(RESOURCE_KEYS)}")
     for key, value in resources.items():
-        minimum_ok = value >= 0 if key == "gpus_per_worker" else value > 0
+        if key == "workers_per_actor":
+            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                _fail(path, f"resources.workers_per_actor must be auto or an integer >= 1, got {value!r}")
+            continue
+        minimum_ok = value >= 0 if key == "gpus_per_trial" else value > 0
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not minimum_ok:
-            _fail(path, f"resources.{key} must be a number {'>= 0' if key == 'gpus_per_worker' else '> 0'}, "
+            _fail(path, f"resources.{key} must be a number {'>= 0' if key == 'gpus_per_trial' else '> 0'}, "
                         f"got {value!r}")
     for key in ("max_failures", "max_concurrent_trials"):
         value = data.get(key)

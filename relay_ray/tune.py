@@ -24,8 +24,8 @@ import yaml
 from ray import tune
 
 from relay_ray.checkpoint import inspect_checkpoint
-from relay_ray.config import RunConfig
-from relay_ray.engine import RayEngine, connect
+from relay_ray.config import EngineOptions, RunConfig
+from relay_ray.engine import Engine, connect
 from relay_ray.errors import UserError
 from relay_ray.experiment import build_experiment
 from relay_ray.sweep import VARIANT, Sweep, load_sweep, parse_sweep, run_settings
@@ -54,24 +54,22 @@ def _tune_metrics(row: dict) -> dict:
     return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-class _TrialEngine(RayEngine):
-    """The engine, reporting to Tune after every evaluation, with the run's checkpoint when one was just
-    written (Tune keeps it and hands it back when the trial is restored).  The last report also marks
-    the trial finished, so a sweep restored after its driver died never re-runs a finished trial."""
-
-    def _on_progress(self, step: int, row: dict | None, checkpoint) -> None:
-        if row is None:
-            return  # a checkpoint between evaluations: reported with the next evaluation's
-        final = step == self.experiment.total_steps
-        with tempfile.TemporaryDirectory() as tmp:
-            directory = Path(checkpoint.directory) if checkpoint is not None else Path(tmp)
-            if final:
-                (directory / FINAL_STATE).write_text(json.dumps({"step": step, "final": row}))
-            keep = checkpoint is not None or final
-            tune.report(_tune_metrics(row), checkpoint=tune.Checkpoint.from_directory(directory) if keep else None)
+def _report(engine: Engine, step: int, row: dict | None, checkpoint) -> None:
+    """Report an evaluation to Tune, with the run's checkpoint when one was just written (Tune keeps it
+    and hands it back when the trial is restored).  The last report also marks the trial finished, so a
+    sweep restored after its driver died never re-runs a finished trial."""
+    if row is None:
+        return  # a checkpoint between evaluations: reported with the next evaluation's
+    final = step == engine.experiment.total_steps
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(checkpoint.directory) if checkpoint is not None else Path(tmp)
+        if final:
+            (directory / FINAL_STATE).write_text(json.dumps({"step": step, "final": row}))
+        keep = checkpoint is not None or final
+        tune.report(_tune_metrics(row), checkpoint=tune.Checkpoint.from_directory(directory) if keep else None)
 
 
-def train_trial(settings: dict, cpus_per_worker: float, gpus_per_worker: float, window: int) -> None:
+def train_trial(settings: dict, window: int) -> None:
     """Tune's function trainable: build the run from the trial's settings and drive it; a restored trial
     continues from the checkpoint Tune hands back (or, if it had finished, does nothing)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint on the console
@@ -92,9 +90,8 @@ def train_trial(settings: dict, cpus_per_worker: float, gpus_per_worker: float, 
             print(f"relay-ray tune: trial restored from its checkpoint at step {resume.step}", file=sys.stderr)
             Path(config.out).mkdir(parents=True, exist_ok=True)
             Path(config.out, "restored.json").write_text(json.dumps({"from_step": resume.step}) + "\n")
-        engine = _TrialEngine(config, experiment, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                              window=window, placement_group=ray.util.get_current_placement_group(),
-                              first_bundle=1)
+        engine = Engine(config, experiment, EngineOptions(window=window), on_progress=_report,
+                        placement_group=ray.util.get_current_placement_group(), first_bundle=1)
         try:
             engine.run(progress=False, resume=resume)
         finally:
@@ -106,8 +103,7 @@ def _trainable(sweep: Sweep):
         num_workers = RunConfig.from_dict({**run_settings(settings), "backend": "local"}).num_workers
         return tune.PlacementGroupFactory(sweep.trial_bundles(num_workers), strategy="PACK")
 
-    trainable = tune.with_parameters(train_trial, cpus_per_worker=sweep.cpus_per_worker,
-                                     gpus_per_worker=sweep.gpus_per_worker, window=sweep.window)
+    trainable = tune.with_parameters(train_trial, window=sweep.window)
     return tune.with_resources(trainable, resources)
 
 
@@ -134,18 +130,19 @@ def check_resources(sweep: Sweep) -> None:
         total_cpu, total_gpu = max(total_cpu, capacity.get("CPU", 0)), max(total_gpu, capacity.get("GPU", 0))
         largest_cpu = math.inf  # node types are the autoscaler's business
     for n in sweep.candidate_worker_counts():
-        bundles = sweep.trial_bundles(n)
-        need_cpu = sum(b["CPU"] for b in bundles)
-        need_gpu = sum(b.get("GPU", 0.0) for b in bundles)
-        shape = (f"driver {sweep.driver_cpus:g} + {n} workers x {sweep.cpus_per_worker:g} CPU = {need_cpu:g} CPUs")
+        actors = sweep.trial_shape(n)
+        need_cpu = sweep.driver_cpus + actors.cpus * actors.num_actors
+        need_gpu = actors.gpus * actors.num_actors
+        shape = (f"driver {sweep.driver_cpus:g} + {actors.num_actors} actors x {actors.cpus:g} CPU "
+                 f"= {need_cpu:g} CPUs")
         if need_cpu > total_cpu + 1e-9:
             raise UserError(f"a trial with {n} workers needs {shape}, but the cluster has {total_cpu:g} CPUs "
-                            f"({need_cpu - total_cpu:g} short); lower resources.cpus_per_worker in the sweep file "
+                            f"({need_cpu - total_cpu:g} short); lower resources.cpus_per_trial in the sweep file "
                             "or add nodes")
         if need_gpu > total_gpu + 1e-9:
             raise UserError(f"a trial with {n} workers needs {need_gpu:g} GPUs, but the cluster has {total_gpu:g}")
-        if max(sweep.cpus_per_worker, sweep.driver_cpus) > largest_cpu + 1e-9:
-            raise UserError(f"a bundle of {max(sweep.cpus_per_worker, sweep.driver_cpus):g} CPUs fits on no node "
+        if max(actors.cpus, sweep.driver_cpus) > largest_cpu + 1e-9:
+            raise UserError(f"a bundle of {max(actors.cpus, sweep.driver_cpus):g} CPUs fits on no node "
                             f"(largest node has {largest_cpu:g})")
 
 

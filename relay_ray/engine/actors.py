@@ -1,0 +1,85 @@
+"""The Ray side of a worker group: ``GroupActor`` holds one group and is wrapped by ``ray.remote`` once.
+
+The group class is a constructor argument (``group_cls``): tests hand in failing doubles and
+benchmarks relay-only groups, with no monkeypatching.  This is also where the off-driver rule
+for messages lives: crossing messages and partial sums go back as task return values, which Ray
+writes once into the shared-memory store and the receiving task reads in place; but Ray returns
+values of 100 KB or less *inline to the caller*, the driver, so those are ``ray.put`` first and
+the driver only ever holds refs, whatever the model size (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from relay_ray.group import WorkerGroup
+
+# Ray's max_direct_call_object_size (100 KiB): returns up to this size are inlined to the caller
+INLINE_RETURN_BYTES = 100 * 1024
+
+
+def off_driver(value: np.ndarray):
+    """``value`` as a task return that never lands in the driver's memory: itself when Ray stores it
+    in the object store anyway, else the ref of a ``ray.put``."""
+    return value if value.nbytes > INLINE_RETURN_BYTES else ray.put(value)
+
+
+def resolved(values) -> list:
+    """Task arguments with the refs made by ``off_driver`` fetched (one ``ray.get`` for all)."""
+    values = list(values)
+    at = [i for i, v in enumerate(values) if isinstance(v, ray.ObjectRef)]
+    for i, fetched in zip(at, ray.get([values[i] for i in at])):
+        values[i] = fetched
+    return values
+
+
+def _returns(values: list):
+    """A list as Ray task returns: ``num_returns`` = max(1, len), a group with none returns None."""
+    if len(values) > 1:
+        return tuple(values)
+    return values[0] if values else None
+
+
+class GroupActor:
+    """One worker group in an actor; every method is one task of the engine's dataflow."""
+
+    def __init__(self, group_cls: type[WorkerGroup], *group_args):
+        self.group = group_cls(*group_args)
+
+    def step(self, has_inbox: bool, *crossing):
+        return _returns([off_driver(m) for m in self.group.step(has_inbox, *resolved(crossing))])
+
+    def receive(self, *crossing) -> None:
+        self.group.receive(*resolved(crossing))
+
+    def evaluate(self) -> list[dict]:
+        return self.group.evaluate()
+
+    def params_sum(self):
+        return off_driver(self.group.params_sum())
+
+    def mean_model(self, num_workers: int, *sums):
+        """The averaged model from every group's partial sum (G arrays here, never n models)."""
+        return off_driver(np.sum(resolved(sums), axis=0) / num_workers)
+
+    def squared_deviation(self, mean) -> float:
+        return self.group.squared_deviation(*resolved([mean]))
+
+    def evaluate_params(self, params) -> float:
+        return self.group.evaluate_params(*resolved([params]))
+
+    def save_checkpoint(self, directory: str) -> list[dict]:
+        return self.group.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> int:
+        return self.group.load_checkpoint(directory)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def ping(self) -> int:
+        return self.group.ranks[0]
+
+
+RemoteGroupActor = ray.remote(GroupActor)

@@ -1,0 +1,150 @@
+"""A worker group: K workers in one process, the unit the Ray engine places (pure; no Ray).
+
+The engine puts one group in each actor (``relay_ray.engine.actors``); K = 1 is one worker per
+actor, K = n all workers in one.  Worker ranks are cut into contiguous, balanced groups
+(``GroupLayout``): a chain's messages then stay almost all inside a group (2 crossing edges per
+group).  Each step is one call per group: every worker finishes the previous averaging with its
+inbox (crossing messages come as arguments, the others from this group's memory), takes its local
+step, and the messages to other groups are returned in ``layout.outgoing`` order.  The workers run
+the same algorithm objects in the same order as the simulator, so any K computes the same numbers.
+
+Evaluation never gathers models in one place: a group returns the float64 sum of its models; the
+mean of those partial sums is the averaged model, and each group returns the squared distance of
+its models to that mean, whose total over groups / n is the consensus distance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from relay_ray.algorithms import CommPlan
+from relay_ray.experiment import WorkerSpec
+from relay_ray.worker import Worker
+
+Edge = tuple[int, int]  # (sender, receiver)
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Which ranks share a group, and the directed edges that cross groups, in a fixed order.
+
+    ``incoming[g]`` are the crossing edges into group g (the arguments of its step) and
+    ``outgoing[g]`` those out of it (its return values); driver and group use the same order.
+    """
+
+    groups: tuple[tuple[int, ...], ...]
+    incoming: tuple[tuple[Edge, ...], ...]
+    outgoing: tuple[tuple[Edge, ...], ...]
+
+    @staticmethod
+    def balanced(plan: CommPlan, num_groups: int) -> "GroupLayout":
+        """``num_groups`` contiguous groups whose sizes differ by at most one (8 in 3: 3 + 3 + 2)."""
+        n = plan.num_workers
+        if not 1 <= num_groups <= n:
+            raise ValueError(f"cannot cut {n} workers into {num_groups} groups")
+        bounds = np.linspace(0, n, num_groups + 1).round().astype(int)
+        sizes = sorted(np.diff(bounds).tolist(), reverse=True)  # larger groups first: 3 + 3 + 2
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        groups = tuple(tuple(range(starts[g], starts[g + 1])) for g in range(num_groups))
+        group_of = {rank: g for g, ranks in enumerate(groups) for rank in ranks}
+        incoming = tuple(tuple((j, i) for i in ranks for j in plan.neighbors[i] if group_of[j] != g)
+                         for g, ranks in enumerate(groups))
+        outgoing = tuple(tuple((i, j) for i in ranks for j in plan.neighbors[i] if group_of[j] != g)
+                         for g, ranks in enumerate(groups))
+        return GroupLayout(groups, incoming, outgoing)
+
+    @property
+    def workers_per_group(self) -> int:
+        return max(len(ranks) for ranks in self.groups)
+
+    def route(self, outboxes: list[list]) -> list[list]:
+        """Per group, its crossing inbox from every group's crossing outbox (messages or refs alike)."""
+        sent = {edge: msg for g, msgs in enumerate(outboxes) for edge, msg in zip(self.outgoing[g], msgs)}
+        return [[sent[edge] for edge in incoming] for incoming in self.incoming]
+
+
+class WorkerGroup:
+    """K plain ``Worker`` objects; the engine wraps it (or a subclass given as ``group_cls``) in an actor.
+
+    ``worker_class`` is the seam for other workers (the communication benchmark's relay-only worker).
+    """
+
+    worker_class = Worker
+
+    def __init__(self, specs: list[WorkerSpec], task_data, num_threads: int | None, layout: GroupLayout,
+                 group: int):
+        self.workers = [self.worker_class(spec, task_data, num_threads) for spec in specs]
+        self.ranks = [spec.rank for spec in specs]
+        self.plan = specs[0].plan
+        self.incoming_edges = layout.incoming[group]
+        self.outgoing_edges = layout.outgoing[group]
+        self.local: dict[Edge, np.ndarray] = {}  # this step's messages between workers of this group
+        self.failure: str | None = None
+
+    @contextlib.contextmanager
+    def _remember_failure(self, rank: int):
+        """A failed step is remembered so the next evaluation names the worker."""
+        try:
+            yield
+        except Exception as exc:
+            self.failure = self.failure or f"worker {rank} at step {self.step_count}: {type(exc).__name__}: {exc}"
+            raise
+
+    @property
+    def step_count(self) -> int:
+        return self.workers[0].step_count
+
+    def _inboxes(self, crossing) -> list[list[np.ndarray]]:
+        messages = dict(zip(self.incoming_edges, crossing))
+        messages.update(self.local)
+        return [[messages[(j, w.rank)] for j in self.plan.neighbors[w.rank]] for w in self.workers]
+
+    def step(self, has_inbox: bool, *crossing: np.ndarray) -> list[np.ndarray]:
+        """One step of every worker; returns the crossing messages in ``outgoing`` order."""
+        inboxes = self._inboxes(crossing) if has_inbox else [[] for _ in self.workers]
+        sent: dict[Edge, np.ndarray] = {}
+        for worker, inbox in zip(self.workers, inboxes):
+            with self._remember_failure(worker.rank):
+                for j, message in zip(self.plan.neighbors[worker.rank], worker.step(*inbox)):
+                    sent[(worker.rank, j)] = message
+        crossing_out = [sent.pop(edge) for edge in self.outgoing_edges]
+        self.local = sent
+        return crossing_out
+
+    def receive(self, *crossing: np.ndarray) -> None:
+        """Every worker finishes its averaging with this step's messages: nothing stays in flight."""
+        for worker, inbox in zip(self.workers, self._inboxes(crossing)):
+            with self._remember_failure(worker.rank):
+                worker.receive(*inbox)
+        self.local = {}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> list[dict]:
+        """Each worker's small metrics dict (call after ``receive``)."""
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+        return [worker.evaluate() for worker in self.workers]
+
+    def params_sum(self) -> np.ndarray:
+        """The float64 sum of this group's models: its part of the averaged model."""
+        return np.sum([np.asarray(w.params(), dtype=np.float64) for w in self.workers], axis=0)
+
+    def squared_deviation(self, mean: np.ndarray) -> float:
+        """sum over this group's workers of ||x_i - mean||^2: its part of the consensus distance."""
+        return float(sum(np.sum((np.asarray(w.params(), dtype=np.float64) - mean) ** 2) for w in self.workers))
+
+    def evaluate_params(self, params: np.ndarray) -> float:
+        """The task metric of another model (the averaged one) with the first worker's evaluator."""
+        return self.workers[0].evaluate_params(np.asarray(params, dtype=np.float32))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: str) -> list[dict]:
+        return [worker.save_checkpoint(directory) for worker in self.workers]
+
+    def load_checkpoint(self, directory: str) -> int:
+        steps = {worker.load_checkpoint(directory) for worker in self.workers}
+        self.local, self.failure = {}, None
+        return steps.pop()

@@ -1,0 +1,67 @@
+"""Resolve a config, a config file or a resumed run directory into a run, and run it on its backend.
+
+The CLI, ``compare``, Tune trials and the benchmarks share these; heavy imports (torch via the
+experiment, Ray via the engine) happen here, when a run starts, not when the CLI parses flags.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay_ray.config import EngineOptions, RunConfig
+from relay_ray.errors import UserError
+
+
+@dataclass
+class ResolvedRun:
+    """A run ready to start: its config and, when it continues one, the checkpoint and experiment."""
+
+    config: RunConfig
+    checkpoint: object | None = None  # relay_ray.checkpoint.Checkpoint
+    experiment: object | None = None  # relay_ray.experiment.Experiment
+
+
+def from_file(path: str, changed: dict) -> ResolvedRun:
+    """The settings of a run YAML (e.g. an earlier run's config.yaml), with ``changed`` on top."""
+    if not Path(path).is_file():
+        raise UserError(f"--config {path} does not exist or is not a file")
+    return ResolvedRun(RunConfig.from_dict({**RunConfig.load(path).to_dict(), **changed}))
+
+
+def from_resume(run_dir: str, changed: dict) -> ResolvedRun:
+    """Continue the run in ``run_dir`` from its newest complete checkpoint; ``changed`` may only
+    touch settings a resume may change (checked against the checkpoint)."""
+    directory = Path(run_dir)
+    if not directory.is_dir():
+        raise UserError(f"--resume {run_dir} does not exist or is not a directory")
+    if not (directory / "config.yaml").is_file():
+        raise UserError(f"--resume {run_dir} has no config.yaml; give the --out directory of a run")
+    if changed.get("out") is not None and Path(changed["out"]).resolve() != directory.resolve():
+        raise UserError(f"--resume continues the run in {run_dir}; drop --out {changed['out']}")
+    saved = RunConfig.load(directory / "config.yaml").to_dict()
+    config = RunConfig.from_dict({**saved, **changed, "out": str(directory)})
+    from relay_ray.checkpoint import find_latest
+    from relay_ray.experiment import build_experiment
+
+    experiment = build_experiment(config)
+    checkpoint, skipped = find_latest(directory, config, experiment.plan)
+    if skipped:
+        print(f"relay-ray: newest checkpoint(s) unusable ({'; '.join(skipped)}); resuming from the previous one, "
+              f"step {checkpoint.step}", file=sys.stderr)
+    else:
+        print(f"relay-ray: resuming {directory} from step {checkpoint.step}", file=sys.stderr)
+    return ResolvedRun(config, checkpoint, experiment)
+
+
+def run(config: RunConfig, options: EngineOptions | None = None, address: str | None = None, progress: bool = True,
+        experiment=None, resume=None) -> dict:
+    """Run one configuration on its backend; returns the summary.  ``resume``: a ``Checkpoint``."""
+    if config.backend == "local":
+        from relay_ray.simulate import simulate
+
+        return simulate(config, experiment=experiment, progress=progress, resume=resume)
+    from relay_ray.engine import run_on_ray
+
+    return run_on_ray(config, options, address=address, progress=progress, experiment=experiment, resume=resume)
