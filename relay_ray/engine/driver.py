@@ -17,6 +17,7 @@ checkpoint of this run (or starts at step 0: a run is deterministic) and replays
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import time
 from typing import Callable
@@ -290,8 +291,6 @@ class Engine:
 
 def connect(address: str | None = None) -> bool:
     """Attach to ``address`` / RAY_ADDRESS, or start an embedded local Ray. True if we started it."""
-    import os
-
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
