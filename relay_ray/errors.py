@@ -10,4 +10,11 @@ class DataError(UserError):
 
 
 class WorkerFailure(RuntimeError):
-    """A worker actor (or its node) died mid-run: not the user's mistake, but one clear line."""
+    """A worker actor (or its node) died mid-run: not the user's mistake, but one clear line.
+
+    ``dead``: the ranks of the workers that died (empty when a worker raised instead: a replay
+    would raise again, so the engine does not restart for it)."""
+
+    def __init__(self, message: str, dead: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.dead = tuple(dead)

@@ -67,15 +67,19 @@ class Sweep:
         return int(self.resources.get("window", 4))
 
     def trial_shape(self, num_workers: int):
-        """A trial's actors: ``workers_per_actor`` (auto: one actor per whole CPU of ``cpus_per_trial``),
-        each with an equal share of the trial's CPUs and GPUs (the engine's own rule, on the trial's budget)."""
+        """A trial's actors: the engine's own rule (``workers_per_actor``; auto: one actor per GPU when the
+        trial has GPUs, else one per whole CPU of ``cpus_per_trial``) on the trial's budget, which the
+        actors share equally."""
         from relay_ray.config import EngineOptions
         from relay_ray.engine.placement import ActorShape, actor_shape
 
-        options = EngineOptions(workers_per_actor=self.resources.get("workers_per_actor", "auto"))
-        shape = actor_shape(num_workers, options, "cpu", [{"CPU": self.cpus_per_trial}])
-        return ActorShape(num_workers, shape.num_actors, shape.cpus, self.gpus_per_trial / shape.num_actors,
-                          shape.auto)
+        gpus = self.gpus_per_trial
+        node = {"CPU": self.cpus_per_trial, **({"GPU": gpus} if gpus else {})}
+        options = EngineOptions(workers_per_actor=self.resources.get("workers_per_actor", "auto"),
+                                gpus_per_actor=min(1.0, gpus) if gpus else None)
+        shape = actor_shape(num_workers, options, "cuda" if gpus else "cpu", [node])
+        return ActorShape(num_workers, shape.num_actors, self.cpus_per_trial / shape.num_actors,
+                          gpus / shape.num_actors, shape.auto)
 
     def trial_bundles(self, num_workers: int) -> list[dict]:
         """Bundle 0 runs the trial's driver; bundle 1 + g holds actor g."""

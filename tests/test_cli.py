@@ -77,7 +77,9 @@ BAD_INPUTS = [
     (["--max-restarts", "two"], "argument --max-restarts: invalid int value: 'two'"),
     # engine flags are checked before Ray starts
     (["--window", "0"], "--window must be >= 1, got 0"),
-    (["--cpus-per-worker", "0"], "--cpus-per-worker must be > 0, got 0.0"),
+    (["--cpus-per-actor", "0"], "--cpus-per-actor must be > 0, got 0.0"),
+    (["--cpus-per-worker", "1"], "unrecognized arguments: --cpus-per-worker"),
+    (["--workers-per-actor", "two"], "--workers-per-actor must be auto or an integer, got 'two'"),
     (["--workers-per-actor", "0"], "--workers-per-actor must be >= 1, got 0"),
     (["--eval-every", "0"], "--eval-every must be > 0, got 0"),
     # data directories

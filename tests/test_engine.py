@@ -1,13 +1,19 @@
-"""The Ray engine against the in-process simulator, on one node and on three."""
+"""The Ray engine against the in-process simulator, for every number of workers per actor.
 
+K = 1 (one actor per worker), K = 3 (8 workers cut 3 + 3 + 2: uneven groups, crossing edges
+everywhere), K = n (one actor, no crossing edge) and auto (the default: one actor per CPU).
+"""
+
+import json
 import math
 import pickle
 
 import numpy as np
 import pytest
+import ray
 
-from relay_ray.config import RunConfig
-from relay_ray.engine import RayEngine, WorkerFailure
+from relay_ray.config import EngineOptions, RunConfig
+from relay_ray.engine import Engine, WorkerFailure
 from relay_ray.experiment import build_experiment
 from relay_ray.simulate import simulate
 
@@ -24,6 +30,15 @@ LAYOUTS = (
      ("allreduce", {})]
     + [(a, dict(topology=t)) for a in ("dsgd", "dsgd-qgm", "d2", "gradient-tracking") for t in ("ring", "chain")]
 )
+
+
+# workers per actor: for 8 workers, one actor each / 3 + 3 + 2 / all in one / the default
+K_VALUES = {"K=1": 1, "K=3": 3, "K=n": 8, "auto": "auto"}
+
+
+def _engine(config, k="auto", **options):
+    """An engine on the attached Ray with ``k`` workers per actor."""
+    return Engine(config, build_experiment(config), EngineOptions(workers_per_actor=k, **options))
 
 
 def _config(algorithm, layout, **overrides):
@@ -48,27 +63,64 @@ def _assert_same_rows(ray_rows, local_rows):
 def _local_rows(config, tmp_path):
     local = RunConfig(**{**config.to_dict(), "alpha": config.alpha, "backend": "local", "out": str(tmp_path / "local")})
     simulate(local, progress=False)
-    return [__import__("json").loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
 
 
 def _ray_rows(engine, config, tmp_path):
     config.out = str(tmp_path / "ray")
     engine.run(progress=False)
-    return [__import__("json").loads(line) for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algorithm,layout", LAYOUTS, ids=[f"{a}-{'-'.join(l.values()) or 'exact'}" for a, l in LAYOUTS])
-def test_ray_equals_local_single_node(ray_local, algorithm, layout, tmp_path):
+# every layout with uneven groups; every algorithm also with one actor per worker and with one actor
+CASES = ([(a, layout, "K=3") for a, layout in LAYOUTS]
+         + [(a, layout, k) for a, layout in LAYOUTS if layout.get("topology") != "chain" and layout.get("tree") != "chain"
+            for k in ("K=1", "K=n")])
+
+
+@pytest.mark.parametrize("algorithm,layout,k", CASES,
+                         ids=[f"{a}-{'-'.join(l.values()) or 'exact'}-{k}" for a, l, k in CASES])
+def test_ray_equals_local_single_node(ray_local, algorithm, layout, k, tmp_path):
     config = _config(algorithm, layout)
-    engine = RayEngine(config, build_experiment(config))
+    engine = _engine(config, K_VALUES[k])
     try:
+        assert len(engine.actors) == -(-8 // K_VALUES[k])
         ray_rows = _ray_rows(engine, config, tmp_path)
     finally:
         engine.shutdown()
     _assert_same_rows(ray_rows, _local_rows(config, tmp_path))
 
 
-def test_driver_only_fetches_small_metric_dicts(ray_local, monkeypatch, tmp_path):
+def test_auto_is_one_actor_per_cpu_and_recorded(ray_local, tmp_path):
+    """The default: the 4-CPU Ray gets 4 actors of 2 workers, 1 CPU each; config.yaml and summary.json say so."""
+    config = _config("relaysgd", dict(tree="double-binary"))
+    engine = _engine(config)
+    try:
+        assert (engine.shape.num_actors, engine.shape.workers_per_actor, engine.shape.cpus) == (4, 2, 1.0)
+        assert engine.shape.describe() == "8 workers on 4 actors (2 per actor, auto), 1 CPU each"
+        ray_rows = _ray_rows(engine, config, tmp_path)
+    finally:
+        engine.shutdown()
+    _assert_same_rows(ray_rows, _local_rows(config, tmp_path))
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "ray" / "config.yaml").read_text())["engine"]
+    assert saved["workers_per_actor"] == 2 and saved["chosen_by"] == "auto" and saved["num_actors"] == 4
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["engine"]["num_actors"] == 4
+
+
+def test_auto_never_makes_more_actors_than_workers(ray_local, tmp_path):
+    config = _config("dsgd", dict(topology="ring"), num_workers=3)
+    engine = _engine(config)
+    try:
+        assert (engine.shape.num_actors, engine.shape.workers_per_actor) == (3, 1)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("k", ["K=1", "K=3"])
+def test_driver_only_fetches_small_metric_dicts(ray_local, monkeypatch, k, tmp_path):
     """Instrument ray.get on the driver: nothing it reads may be a model or a message."""
     config = _config("relaysgd", dict(tree="double-binary"), model="mlp", out=str(tmp_path))
     fetched = []
@@ -79,8 +131,8 @@ def test_driver_only_fetches_small_metric_dicts(ray_local, monkeypatch, tmp_path
         fetched.append(values)
         return values
 
-    monkeypatch.setattr(ray_local, "get", recording_get)
-    engine = RayEngine(config, build_experiment(config))
+    monkeypatch.setattr(ray_local, "get", recording_get)  # a public Ray function, not an engine private
+    engine = _engine(config, K_VALUES[k])
     try:
         engine.run(progress=False)
     finally:
@@ -93,16 +145,25 @@ def test_driver_only_fetches_small_metric_dicts(ray_local, monkeypatch, tmp_path
             assert not isinstance(item, np.ndarray), "driver fetched an array"
             # a message or model of the mlp is num_params * 4 bytes (~38 kB)
             assert len(pickle.dumps(item)) < num_params * 4 / 10, f"driver fetched a large object: {type(item)}"
-        assert any(isinstance(i, dict) for i in items) or all(isinstance(i, (int, bool, type(None))) or
-                                                              type(i).__name__ == "PlacementGroup" for i in items)
 
 
-def test_dead_actor_is_one_clear_error(ray_local, tmp_path):
+def _kill_at(step: int, group: int):
+    """An ``on_step`` hook that kills actor ``group`` when step ``step`` has been submitted."""
+    def on_step(engine, submitted):
+        if submitted == step:
+            ray.kill(engine.actors[group])
+    return on_step
+
+
+@pytest.mark.parametrize("k", ["K=1", "K=n"])
+def test_dead_actor_is_one_clear_error(ray_local, k, tmp_path):
     config = _config("relaysgd", dict(tree="chain"), steps=400, eval_every=200)
-    engine = RayEngine(config, build_experiment(config), max_restarts=0)  # restarts: tests/test_recovery.py
-    ray_local.kill(engine.actors[5])
+    group = 5 if k == "K=1" else 0
+    engine = Engine(config, build_experiment(config), EngineOptions(workers_per_actor=K_VALUES[k], max_restarts=0),
+                    on_step=_kill_at(3, group))
+    who = "worker 5" if k == "K=1" else r"workers \[0, 1, 2, 3, 4, 5, 6, 7\]"
     try:
-        with pytest.raises(WorkerFailure, match=r"worker 5 died .*gave up after 0 restart"):
+        with pytest.raises(WorkerFailure, match=rf"{who} died .*gave up after 0 restart"):
             engine.run(progress=False)
     finally:
         engine.shutdown()
@@ -110,26 +171,43 @@ def test_dead_actor_is_one_clear_error(ray_local, tmp_path):
 
 def test_too_many_cpus_is_a_clear_error(ray_local):
     config = _config("dsgd", dict(topology="ring"))
-    with pytest.raises(ValueError, match=r"8 workers x 2.0 CPU = 16 CPUs, but the cluster has 4"):
-        RayEngine(config, build_experiment(config), cpus_per_worker=2.0)
+    with pytest.raises(ValueError, match=r"^8 workers in 4 actors x 2 CPU = 8 CPUs, but the cluster has 4 .*fits only 2"):
+        _engine(config, 2, cpus_per_actor=2.0)
 
 
-def test_dead_actor_through_the_cli_exits_1_with_one_line(ray_local, monkeypatch, capsys, tmp_path):
-    """`relay-ray run` on the attached Ray: an actor killed mid-run is one error line, exit code 1."""
+def group_actor_pids() -> list[int]:
+    """The process ids of this machine's worker-group actors (Ray titles an actor's process ray::Class)."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::GroupActor")]
+
+
+def test_dead_actor_through_the_cli_exits_1_with_one_line(ray_local, capsys, tmp_path):
+    """`relay-ray run` on the attached Ray, its actor process SIGKILLed from outside once the first
+    evaluation is written: one error line, exit code 1."""
+    import os
+    import signal
+    import threading
+    import time
+
     from relay_ray import cli
 
-    submit = RayEngine._submit_step
-    calls = {"n": 0}
-
-    def killing_submit(self, outboxes):
-        calls["n"] += 1
-        if calls["n"] == 30:
-            ray_local.kill(self.actors[5])
-        return submit(self, outboxes)
-
-    monkeypatch.setattr(RayEngine, "_submit_step", killing_submit)
-    code = cli.main(["run", "--dataset", "digits", "--workers", "8", "--model", "logreg", "--steps", "100",
-                     "--eval-every", "50", "--max-restarts", "0", "--quiet", "--out", str(tmp_path / "run")])
+    out = tmp_path / "run"
+    result = {}
+    run = threading.Thread(target=lambda: result.update(code=cli.main([
+        "run", "--dataset", "digits", "--workers", "8", "--model", "logreg", "--steps", "100000", "--eval-every", "50",
+        "--workers-per-actor", "8", "--max-restarts", "0", "--quiet", "--out", str(out)])))
+    run.start()
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        assert time.monotonic() < deadline and run.is_alive(), "the run never evaluated"
+        time.sleep(0.05)
+    pids = group_actor_pids()
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    run.join(timeout=300)
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("relay-ray")]
-    assert code == 1
-    assert len(err_lines) == 1 and err_lines[0].startswith("relay-ray: error: worker 5 died"), err_lines
+    assert result.get("code") == 1
+    assert len(err_lines) == 1 and err_lines[0].startswith(
+        "relay-ray: error: workers [0, 1, 2, 3, 4, 5, 6, 7] died"), err_lines

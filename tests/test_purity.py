@@ -26,6 +26,11 @@ PURE_MODULES = [
     "relay_ray.worker",
     "relay_ray.config",
     "relay_ray.checkpoint",
+    "relay_ray.group",
+    "relay_ray.sweep",
+    "relay_ray.runner",
+    "relay_ray.engine.placement",
+    "relay_ray.cli",
 ]
 
 
@@ -58,3 +63,22 @@ def test_the_check_detects_ray():
     result = _import_in_fresh_interpreter("ray")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("LEAKED")
+
+
+def test_help_does_not_import_torch_or_ray():
+    """`relay-ray --help` and `relay-ray run --help` answer without importing torch or Ray (seconds saved)."""
+    code = (
+        "import sys\n"
+        "from relay_ray import cli\n"
+        "for argv in (['--help'], ['run', '--help'], ['compare', '--help']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray'))\n"
+        "print('HEAVY' if heavy else 'LIGHT', *heavy[:5], file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--workers-per-actor" in result.stdout  # the help was really printed
+    assert result.stderr.strip().splitlines()[-1] == "LIGHT", result.stderr[-500:]

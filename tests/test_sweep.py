@@ -37,7 +37,9 @@ BAD_SWEEPS = [
     (sweep(scheduler={"type": "asha", "grace": 1}), "unknown key(s) grace"),
     (sweep(scheduler={"type": "asha", "grace_period": -1}), "scheduler.grace_period must be a number > 0"),
     (sweep(resources={"cpus": 1}), "resources: unknown key(s) cpus"),
-    (sweep(resources={"cpus_per_worker": 0}), "resources.cpus_per_worker must be a number > 0"),
+    (sweep(resources={"cpus_per_trial": 0}), "resources.cpus_per_trial must be a number > 0"),
+    (sweep(resources={"cpus_per_worker": 0.1}), "resources: unknown key(s) cpus_per_worker"),
+    (sweep(resources={"workers_per_actor": 0}), "resources.workers_per_actor must be auto or an integer >= 1"),
     (sweep(base={**BASE, "lr": 0.1}), "lr set in both base: and search:"),
     (sweep(base={**BASE, "backend": "local"}), "'backend' is set by the sweep itself"),
     (sweep(base={**BASE, "num_workers": 0}), "invalid run"),
@@ -73,7 +75,19 @@ def test_good_sweep_parses_with_defaults():
     assert (s.metric, s.mode, s.num_samples, s.scheduler) == ("test_acc_worst", "max", 1, {"type": "fifo"})
     assert s.candidate_worker_counts() == [4, 8]
     bundles = s.trial_bundles(4)
-    assert bundles[0] == {"CPU": s.driver_cpus} and bundles[1:] == [{"CPU": s.cpus_per_worker}] * 4
+    assert bundles == [{"CPU": s.driver_cpus}, {"CPU": 1.0}]  # default: 1 CPU for the actors, so one actor
+
+
+@pytest.mark.parametrize("resources, bundles", [
+    ({"cpus_per_trial": 4}, [{"CPU": 1.0}] * 4),                       # auto: one actor per whole CPU
+    ({"cpus_per_trial": 4, "workers_per_actor": 8}, [{"CPU": 4.0}]),   # one actor holds all 8 workers
+    ({"cpus_per_trial": 0.8}, [{"CPU": 0.8}]),                        # under one CPU: one actor
+    ({"cpus_per_trial": 4, "workers_per_actor": 3}, [{"CPU": 4 / 3}] * 3),  # 3 + 3 + 2
+    ({"cpus_per_trial": 8, "gpus_per_trial": 2}, [{"CPU": 4.0, "GPU": 1.0}] * 2),  # auto: one actor per GPU
+])
+def test_trial_bundles_are_one_per_actor(resources, bundles):
+    s = parse_sweep(sweep(base={**BASE, "num_workers": 8}, resources={"driver_cpus": 0.5, **resources}))
+    assert s.trial_bundles(8) == [{"CPU": 0.5}] + bundles
 
 
 @pytest.mark.parametrize("path", TUNE_CONFIGS, ids=[p.name for p in TUNE_CONFIGS])

@@ -23,7 +23,7 @@ import time
 from typing import Callable
 
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import ActorHandleNotFoundError, RayError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from relay_ray.checkpoint import Checkpoint, CheckpointStore
@@ -71,6 +71,8 @@ class Engine:
         self.owns_pg, self.pg, self.first_bundle = placement_group is None, placement_group, first_bundle
         self.actors: list = []
         self.restarts = 0
+        self.outboxes: list[list] | None = None  # the refs of the last submitted step's crossing messages
+        self.in_flight: collections.deque[list] = collections.deque()  # refs of the steps not yet awaited
         self.data_ref = ray.put(self.experiment.task_data)  # once; actors read it zero-copy
         started = time.perf_counter()
         self._place()
@@ -114,7 +116,10 @@ class Engine:
 
     def shutdown(self) -> None:
         for actor in self.actors:
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except ActorHandleNotFoundError:  # its process is already gone (a SIGKILLed actor)
+                pass
         self.actors = []
         if self.owns_pg and self.pg is not None:
             placement.remove_and_wait(self.pg)
@@ -146,11 +151,36 @@ class Engine:
             new.append(list(refs) if returns > 1 else [refs])
         return new
 
-    def _deliver(self, outboxes: list[list] | None) -> None:
-        """Every worker finishes its averaging with this step's messages: nothing stays in flight."""
-        if outboxes is not None:
-            for actor, inbox in zip(self.actors, self.layout.route(outboxes)):
+    def _advance(self) -> float:
+        """Submit the next step; when more than ``window`` steps are in flight, wait (without
+        fetching) for the oldest: back-pressure, so workers wait only for their neighbours.
+        Returns the seconds spent submitting (the driver's own work, not the waiting)."""
+        started = time.perf_counter()
+        self.outboxes = self._submit_step(self.outboxes)
+        self.in_flight.append([ref for refs in self.outboxes for ref in refs])
+        submitted = time.perf_counter() - started
+        if len(self.in_flight) > self.options.window:
+            oldest = self.in_flight.popleft()
+            ray.wait(oldest, num_returns=len(oldest), fetch_local=False)
+        return submitted
+
+    def _settle(self) -> None:
+        """A step boundary: every worker finishes its averaging; nothing stays in flight."""
+        if self.outboxes is not None:
+            for actor, inbox in zip(self.actors, self.layout.route(self.outboxes)):
                 actor.receive.remote(*inbox)
+        self.outboxes = None
+        self.in_flight.clear()
+
+    def run_steps(self, count: int) -> dict:
+        """Take ``count`` training steps and nothing else (no evaluation, checkpoint or metrics file),
+        through the same dataflow as ``run``, and wait until they are done; the benchmarks time this.
+        Returns the wall seconds and the driver's own seconds spent submitting."""
+        started = time.perf_counter()
+        submit_s = sum(self._advance() for _ in range(count))
+        for refs in self.in_flight:
+            ray.wait(refs, num_returns=len(refs), fetch_local=False)
+        return {"wall_s": time.perf_counter() - started, "submit_s": submit_s}
 
     def _evaluate(self, step: int, wall_start: float) -> dict:
         """Per-worker metrics, and the averaged model and consensus distance from per-group partial
@@ -176,9 +206,14 @@ class Engine:
 
     def _failure(self, exc: Exception, step: int) -> WorkerFailure:
         """Name the dead worker(s): a ping to a dead actor is ready at once with an error."""
-        pings = {actor.ping.remote(): g for g, actor in enumerate(self.actors)}
+        pings, dead_groups = {}, []
+        for g, actor in enumerate(self.actors):
+            try:
+                pings[actor.ping.remote()] = g
+            except Exception:  # Ray refuses to submit to an actor it already knows is gone
+                dead_groups.append(g)
         ready, unresponsive = ray.wait(list(pings), num_returns=len(pings), timeout=30)
-        dead_groups = [pings[ref] for ref in unresponsive]
+        dead_groups += [pings[ref] for ref in unresponsive]
         for ref in ready:
             try:
                 _fetch(ref)
@@ -189,9 +224,7 @@ class Engine:
             return WorkerFailure(f"a worker failed before step {step} ({type(exc).__name__}: {cause[:300]})")
         dead = sorted(rank for g in dead_groups for rank in self.layout.groups[g])
         who = f"worker {dead[0]}" if len(dead) == 1 else f"workers {dead}"
-        failure = WorkerFailure(f"{who} died before step {step} ({type(exc).__name__}: {cause[:200]})")
-        failure.dead = dead
-        return failure
+        return WorkerFailure(f"{who} died before step {step} ({type(exc).__name__}: {cause[:200]})", dead)
 
     def _save_checkpoint(self, checkpoints: CheckpointStore, step: int, wall_s: float) -> Checkpoint:
         """Each actor writes its workers' files itself; the driver gets small records, commits last."""
@@ -212,16 +245,17 @@ class Engine:
 
     def _train(self, first: int, recorder: RunRecorder, checkpoints: CheckpointStore | None, bar: Progress,
                start: float) -> None:
-        """Steps ``first`` .. total-1: submit, bound the window, evaluate / checkpoint at boundaries."""
+        """Steps ``first`` .. total-1: submit, evaluate and checkpoint at step boundaries."""
         config, total = self.config, self.experiment.total_steps
-        in_flight: collections.deque[list] = collections.deque()
-        outboxes = None
+        self.outboxes, self.in_flight = None, collections.deque()
         for step in range(first + 1, total + 1):
-            outboxes = self._submit_step(outboxes)
-            in_flight.append([ref for refs in outboxes for ref in refs])
-            if len(in_flight) > self.options.window:  # back-pressure: wait, without fetching, for the oldest step
-                oldest = in_flight.popleft()
-                ray.wait(oldest, num_returns=len(oldest), fetch_local=False)
+            try:
+                self._advance()
+            except Exception as exc:  # Ray refuses to submit to an actor it knows is dead
+                failure = self._failure(exc, step)
+                if not failure.dead:
+                    raise
+                raise failure from None
             bar.advance()
             if self.on_step is not None:
                 self.on_step(self, step)
@@ -229,15 +263,13 @@ class Engine:
             checkpoint_now = checkpoints is not None and config.checkpoints_at(step)
             if not (evaluate_now or checkpoint_now):
                 continue
-            self._deliver(outboxes)  # a step boundary: nothing in flight after this
-            outboxes, row, checkpoint = None, None, None
-            in_flight.clear()
-            if evaluate_now:
-                row = self._evaluate(step, start)
+            self._settle()
+            row = self._evaluate(step, start) if evaluate_now else None
+            if row is not None:
                 recorder.record(row)
                 bar.report(row)
-            if checkpoint_now:
-                checkpoint = self._save_checkpoint(checkpoints, step, time.perf_counter() - start)
+            checkpoint = (self._save_checkpoint(checkpoints, step, time.perf_counter() - start)
+                          if checkpoint_now else None)
             if self.on_progress is not None:
                 self.on_progress(self, step, row, checkpoint)
 
@@ -265,7 +297,7 @@ class Engine:
                     self._train(first, recorder, checkpoints, bar, start)
                     break
                 except WorkerFailure as failure:
-                    if not getattr(failure, "dead", None):
+                    if not failure.dead:
                         raise  # no actor died: restarting would replay the same error
                     if self.restarts >= limit:
                         raise WorkerFailure(f"{failure}; gave up after {self.restarts} restart(s) "

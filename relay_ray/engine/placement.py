@@ -1,5 +1,8 @@
 """Where a run's actors go: how many actors, the bundle each reserves, and whether the cluster holds
-them.  One bundles-that-fit rule for ``relay-ray run`` and for Tune trials."""
+them.  One bundles-that-fit rule for ``relay-ray run`` and for Tune trials.
+
+The shape arithmetic is pure (a sweep file is checked with it before Ray starts); only the functions
+that talk to the cluster import Ray."""
 
 from __future__ import annotations
 
@@ -7,10 +10,6 @@ import collections
 import math
 import time
 from dataclasses import dataclass
-
-import ray
-from ray.exceptions import GetTimeoutError
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 from relay_ray.config import WORKERS_PER_ACTOR_AUTO, EngineOptions
 from relay_ray.errors import UserError
@@ -55,6 +54,8 @@ class ActorShape:
 
 def alive_nodes() -> list[dict]:
     """The resources of every live node (``CPU``, ``GPU``, ...)."""
+    import ray
+
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
@@ -114,6 +115,10 @@ def check_fits(shape: ActorShape, nodes: list[dict]) -> None:
 
 def reserve(shape: ActorShape, strategy: str):
     """One placement group with a bundle per actor; waits (bounded) for an autoscaler to add nodes."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, remove_placement_group
+
     pg = placement_group([shape.bundle] * shape.num_actors, strategy=strategy.upper())
     try:
         ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
@@ -126,6 +131,8 @@ def reserve(shape: ActorShape, strategy: str):
 
 def shape_of_group(pg, first_bundle: int, num_workers: int) -> ActorShape:
     """The actors an existing placement group holds from ``first_bundle`` on (a Tune trial's)."""
+    from ray.util.placement_group import placement_group_table
+
     bundles = [b for i, b in sorted(placement_group_table(pg)["bundles"].items()) if i >= first_bundle]
     if not bundles:
         raise UserError(f"the placement group has no bundle from index {first_bundle} on for the actors")
@@ -137,6 +144,9 @@ def remove_and_wait(pg, timeout_s: float = 5.0) -> None:
     """Remove ``pg`` and wait until the cluster's free resources show its bundles back. Removal is
     asynchronous: a group reserved right after (a restart, the next run in the same process) would
     otherwise see the old bundles as taken, and a SPREAD group would leave those nodes out."""
+    import ray
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
     released = collections.Counter()
     for bundle in placement_group_table(pg).get("bundles", {}).values():
         released.update({k: v for k, v in bundle.items() if k in ("CPU", "GPU")})
