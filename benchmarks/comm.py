@@ -7,16 +7,21 @@ how messages travel:
 
   floor      all workers in this process, one thread (and two: numpy releases the GIL)
   gloo       16 torch.distributed gloo processes, isend/irecv to each tree neighbour (localhost TCP)
-  ray put    the engine's dataflow as it is: one actor per worker, one task per worker per step,
-             each worker ray.puts its messages and returns refs (RayEngine)
-  ray ret    one actor per worker, messages are the task's return values (PackedRayEngine, K = 1)
-  ray K=8    8 workers per actor (2 actors, one per core): co-located messages stay in process
-  ray K=16   all 16 workers in one actor
+  ray auto   the engine as ``relay-ray run`` starts it (``EngineOptions()``, no --workers-per-actor):
+             one actor per CPU core (2 actors of 8 workers here); messages between workers of one
+             actor stay in its memory, crossing messages are task returns (``ray.put`` when <= 100 KB)
+  ray K=1    ``--workers-per-actor 1``: one actor per worker, one task per worker per step
+  ray K=16   ``--workers-per-actor 16``: all 16 workers in one actor
+
+The Ray variants are ``relay_ray.engine.Engine`` with ``group_cls`` = a ``WorkerGroup`` whose
+``worker_class`` is the relay-only worker below, timed with ``Engine.run_steps``.  a = ray auto,
+b = floor, c = gloo; the targets are a/b <= 1.5 at 11 M floats and a/c <= 1.0 at both sizes.
 
 Prints a Markdown table (ms/step, ratios to the floor and to gloo), writes comm.png and the
 section "## Communication" of RESULTS.md.
 
-    .venv/bin/python benchmarks/comm.py          # budget 10 min: 9 min 37 s on 2 idle cores (18 min under load 5-46)
+    .venv/bin/python benchmarks/comm.py          # budget 10 min; not yet timed with this engine (3 Ray
+                                                 # variants; the previous engine's 4 took 9 min 37 s on 2 idle cores)
     .venv/bin/python benchmarks/comm.py --trees chain --repeats 2   # about a third of that
 """
 
@@ -35,16 +40,24 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import command_line, drive, load_average, machine, save_figure, start_ray, write_section  # noqa: E402
+from _bench import (  # noqa: E402
+    PREVIOUS_COMMIT, PREVIOUS_LABEL, PREVIOUS_NOTE, command_line, drive, load_average, machine, save_figure,
+    start_engine, start_ray, verdict, write_section)
 
 from relay_ray.algorithms import make_algorithm  # noqa: E402
 from relay_ray.config import RunConfig  # noqa: E402
 from relay_ray.experiment import Experiment, build_experiment  # noqa: E402
+from relay_ray.group import WorkerGroup  # noqa: E402
 from relay_ray.worker import Worker  # noqa: E402
 
 SECTION = "## Communication"
 TREES = {"chain": "chain", "double-binary": "double binary trees"}
-RAY_VARIANTS = ("ray put", "ray ret", "ray K=8", "ray K=16")
+RAY_VARIANTS = {"ray auto": "auto", "ray K=1": 1, "ray K=16": 16}  # label: --workers-per-actor
+AUTO = "ray auto"  # the headline: a in the targets
+# The previous engine's `ray put` column (RayEngine: one actor per worker, messages ray.put), median
+# ms/step and its ratios to that run's floor and gloo, from the quiet re-run in RESULTS.md of e83e170.
+PREVIOUS = {("chain", 270000): (109.1, 15.33, 2.90), ("chain", 11000000): (1090.6, 1.65, 1.14),
+            ("double-binary", 270000): (137.8, 12.42, 4.17), ("double-binary", 11000000): (1445.3, 2.52, 1.31)}
 
 
 @dataclasses.dataclass
@@ -70,6 +83,12 @@ class RelayOnlyWorker(Worker):
         self.algorithm.half = self.algorithm.params  # no local update: relay the current model
         self.step_count += 1
         return self.algorithm.outgoing()  # Alg. 1 step 2
+
+
+class RelayOnlyGroup(WorkerGroup):
+    """The engine's worker group holding relay-only workers (the ``group_cls`` seam)."""
+
+    worker_class = RelayOnlyWorker
 
 
 def experiment_for(tree: str, num_params: int, workers: int) -> Experiment:
@@ -173,52 +192,13 @@ def run_gloo(jobs: list, workers: int, steps_for, repeats: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- ray
-_RAY_CLASSES: dict = {}
-
-
-def _ray_engines():
-    """The engines with the relay-only worker plugged in (defined once; Ray is imported here only,
-    so the gloo processes never import it)."""
-    if not _RAY_CLASSES:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from relay_ray.engine import RayEngine, RayWorker
-        from relay_ray.packing import PackedRayEngine, WorkerGroup
-
-        class CommRayWorker(RayWorker, RelayOnlyWorker):
-            """RayWorker's plumbing (ray.put messages, refs in and out) around the relay-only step."""
-
-        class CommGroup(WorkerGroup):
-            worker_class = RelayOnlyWorker
-
-        remote_worker = ray.remote(CommRayWorker)
-
-        class CommEngine(RayEngine):
-            def _spawn_actors(self, data_ref, threads):
-                return [remote_worker.options(
-                    num_cpus=self.cpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        placement_group=self.pg, placement_group_bundle_index=rank),
-                ).remote(self.experiment.worker_spec(rank), data_ref, threads) for rank in range(self.config.num_workers)]
-
-        class CommPackedEngine(PackedRayEngine):
-            actor_class = ray.remote(CommGroup)
-
-        _RAY_CLASSES.update(put=CommEngine, packed=CommPackedEngine)
-    return _RAY_CLASSES["put"], _RAY_CLASSES["packed"]
-
-
-def run_ray_variant(variant: str, experiment: Experiment, steps: int, repeats: int, window: int) -> list[float]:
-    CommEngine, CommPackedEngine = _ray_engines()
-    n = experiment.config.num_workers
-    if variant == "ray put":
-        engine = CommEngine(experiment.config, experiment, window=window)
-    else:
-        per_actor = {"ray ret": 1, "ray K=8": 8, "ray K=16": 16}[variant]
-        engine = CommPackedEngine(experiment.config, experiment, workers_per_actor=min(per_actor, n), window=window)
+def run_ray_variant(variant: str, experiment: Experiment, steps: int, repeats: int, window: int) -> tuple[list, str]:
+    """Median-ready step times of one engine layout, and its shape in words (Ray is imported only
+    here, through ``start_engine``, so the gloo processes never import it)."""
+    engine = start_engine(experiment, RAY_VARIANTS[variant], window=window, group_cls=RelayOnlyGroup)
     try:
         drive(engine, steps=2, warmup=1)  # page faults, first object-store allocations
-        return [drive(engine, steps=steps, warmup=1)["step_s"] for _ in range(repeats)]
+        return [drive(engine, steps=steps, warmup=1)["step_s"] for _ in range(repeats)], engine.shape.describe()
     finally:
         engine.shutdown()
 
@@ -237,7 +217,8 @@ def plot(rows: list[dict], path: Path, command: str) -> None:
     width = 0.8 / len(variants)
     for k, variant in enumerate(variants):
         values = [r["ms"].get(variant, np.nan) for r in rows]
-        ax.bar(np.arange(len(rows)) + (k - (len(variants) - 1) / 2) * width, values, width, label=variant)
+        ax.bar(np.arange(len(rows)) + (k - (len(variants) - 1) / 2) * width, values, width,
+               label=f"{variant} (default)" if variant == AUTO else variant)
     ax.set_yscale("log")
     ax.set_xticks(np.arange(len(rows)), labels)
     ax.set_ylabel("ms per step (median)")
@@ -247,22 +228,50 @@ def plot(rows: list[dict], path: Path, command: str) -> None:
     save_figure(fig, path, command)
 
 
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "–"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| tree | floats | MB/step | floor | gloo | ray put | ray ret | ray K=8 | ray K=16 | "
-             "best ray / floor | best ray / gloo | ray put / floor | ray put / gloo |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| tree | floats | MB/step | floor | gloo | " + " | ".join(RAY_VARIANTS) + " | "
+             "a/b: auto / floor | a/c: auto / gloo | best ray / floor | best ray / gloo |",
+             "|---|---|---|---|---|" + "---|" * len(RAY_VARIANTS) + "---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
         cell = lambda v: f"{ms[v]:.1f}" if v in ms else "–"  # noqa: E731
         ray = {v: ms[v] for v in RAY_VARIANTS if v in ms}
         best = min(ray, key=ray.get) if ray else None
-        ratio = lambda a, b: f"{a / b:.2f}" if a is not None and b else "–"  # noqa: E731
         lines.append(
             f"| {TREES[r['tree']]} | {r['size'] / 1e6:g} M | {r['mb']:.0f} | {cell('floor')} | {cell('gloo')} | "
             + " | ".join(cell(v) for v in RAY_VARIANTS) + " | "
-            + f"{ratio(ray.get(best), ms.get('floor'))} ({best}) | {ratio(ray.get(best), ms.get('gloo'))} | "
-            + f"{ratio(ms.get('ray put'), ms.get('floor'))} | {ratio(ms.get('ray put'), ms.get('gloo'))} |")
+            + f"{_ratio(ms.get(AUTO), ms.get('floor'))} | {_ratio(ms.get(AUTO), ms.get('gloo'))} | "
+            + f"{_ratio(ray.get(best), ms.get('floor'))} ({best}) | {_ratio(ray.get(best), ms.get('gloo'))} |")
     return "\n".join(lines)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The acceptance checks for the default engine (a = ray auto, b = floor, c = gloo)."""
+    out = []
+    ab = [(r, r["ms"][AUTO] / r["ms"]["floor"]) for r in rows
+          if r["size"] >= 2e6 and AUTO in r["ms"] and "floor" in r["ms"]]
+    if ab:
+        out.append(f"- **a/b <= 1.5 at the large size, 11 M floats by default (ray auto / floor): "
+                   f"{verdict(all(v <= 1.5 for _, v in ab))}**: "
+                   + ", ".join(f"{TREES[r['tree']]} {r['size'] / 1e6:g} M {v:.2f}" for r, v in ab))
+    ac = [(r, r["ms"][AUTO] / r["ms"]["gloo"]) for r in rows if AUTO in r["ms"] and "gloo" in r["ms"]]
+    if ac:
+        out.append(f"- **a/c <= 1.0 at both sizes (ray auto / gloo): {verdict(all(v <= 1.0 for _, v in ac))}**: "
+                   + ", ".join(f"{TREES[r['tree']]} {r['size'] / 1e6:g} M {v:.2f}" for r, v in ac))
+    return out
+
+
+def previous_table(rows: list[dict]) -> str:
+    lines = [f"| tree | floats | {PREVIOUS_LABEL}: ms/step | / its floor | / its gloo |", "|---|---|---|---|---|"]
+    for r in rows:
+        if (r["tree"], r["size"]) in PREVIOUS:
+            ms, to_floor, to_gloo = PREVIOUS[(r["tree"], r["size"])]
+            lines.append(f"| {TREES[r['tree']]} | {r['size'] / 1e6:g} M | {ms:.1f} | {to_floor:.2f} | {to_gloo:.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -277,7 +286,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps-small", type=int, default=20, help="timed steps per repeat, small messages")
     parser.add_argument("--steps-large", type=int, default=3, help="timed steps per repeat, 11 M messages")
     parser.add_argument("--repeats", type=int, default=3, help="repeats; the table shows the median")
-    parser.add_argument("--window", type=int, default=2, help="ray: steps in flight")
+    parser.add_argument("--window", type=int, default=2, help="ray: steps in flight (EngineOptions.window)")
     parser.add_argument("--object-store-gb", type=float, default=8.0)
     parser.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md and comm.png")
     return parser.parse_args(argv)
@@ -291,6 +300,7 @@ def main(argv=None) -> int:
     steps_for = lambda size: args.steps_small if size < 2e6 else args.steps_large  # noqa: E731
     jobs = [(tree, size) for tree in args.trees for size in sizes]
     times: dict = {job: {} for job in jobs}
+    shapes: dict = {}  # ray variant: the engine's actors in words
     loads = [load_average()]
 
     def note(job, variant, values):
@@ -318,8 +328,9 @@ def main(argv=None) -> int:
             for job in jobs:
                 experiment = experiment_for(job[0], job[1], args.workers)
                 for variant in ray_variants:
-                    note(job, variant, run_ray_variant(variant, experiment, steps_for(job[1]), args.repeats,
-                                                       args.window))
+                    values, shapes[variant] = run_ray_variant(variant, experiment, steps_for(job[1]), args.repeats,
+                                                              args.window)
+                    note(job, variant, values)
                 loads.append(load_average())
         finally:
             ray.shutdown()
@@ -332,29 +343,43 @@ def main(argv=None) -> int:
         ms_min = {v: 1e3 * min(t) for v, t in times[job].items()}
         rows.append(dict(tree=job[0], size=job[1], mb=message_bytes_per_step(experiment) / 1e6, ms=ms, ms_min=ms_min))
     text = table(rows)
+    checks = "\n".join(targets(rows))
+    layouts = "\n".join(f"- `{v}`: {shape}" for v, shape in shapes.items())
     print(text)
+    print("\n" + (layouts + "\n" if layouts else "") + (checks or "(targets need ray auto with floor and gloo)"))
+    details_variants = ["floor 1 thread", "floor 2 threads", "gloo", *RAY_VARIANTS]
     details = "\n".join(f"| {TREES[r['tree']]} | {r['size'] / 1e6:g} M | "
-                        + " | ".join(f"{r['ms_min'].get(v, float('nan')):.1f}" for v in
-                                     ["floor 1 thread", "floor 2 threads", "gloo", *RAY_VARIANTS]) + " |"
+                        + " | ".join(f"{r['ms_min'].get(v, float('nan')):.1f}" for v in details_variants) + " |"
                         for r in rows)
     if args.no_results:
         return 0
     out = Path(args.out)
     png = out / "comm.png"
     plot(rows, png, command)
+    previous = previous_table(rows)
+    previous_part = (f"\n\nReference, not measured in this run: previous engine, from RESULTS.md of commit "
+                     f"{PREVIOUS_COMMIT} (its quiet re-run, `ray put` column; ratios to that run's floor and gloo):"
+                     f"\n\n{previous}" if previous else "")
     section = f"""{SECTION}
 
 Command: `{command}` ({elapsed:.0f} s; {machine()}; load average 1/5/15 min during the run:
 {', '.join(loads)}; median of {args.repeats} repeats, window {args.window}).
-Plot: `{png.name}`.
+Plot: `{png.name}`. Ray variants: `relay_ray.engine.Engine` with the given `--workers-per-actor`
+(`ray auto` = no flag, the default), timed with `Engine.run_steps`:
+{layouts or '(none run)'}
 
 {text}
 
+Targets (a = ray auto, b = floor, c = gloo):
+{checks or '(not checked: needs ray auto, floor and gloo)'}
+
 Minimum over repeats (ms/step; floor with 1 and 2 threads):
 
-| tree | floats | floor 1 thread | floor 2 threads | gloo | ray put | ray ret | ray K=8 | ray K=16 |
-|---|---|---|---|---|---|---|---|---|
+| tree | floats | {' | '.join(details_variants)} |
+|---|---|{'---|' * len(details_variants)}
 {details}
+
+{PREVIOUS_NOTE}{previous_part}
 """
     write_section(out / "RESULTS.md", SECTION, section)
     print(f"\nwrote {png} and {out / 'RESULTS.md'}", file=sys.stderr)

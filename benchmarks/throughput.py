@@ -6,52 +6,83 @@ run the same ``Worker`` objects; only training steps are timed (no evaluations, 
 
   simulator   all 16 workers in this process (``--backend local``), torch with its default threads
               (2 here) and with 1; the faster is the baseline
-  ray K=1     the engine as ``relay-ray run`` starts it: one actor per worker, window 4
-  ray K=8     ``--workers-per-actor 8``: two actors, one per core
+  ray auto    the engine as ``relay-ray run`` starts it (``EngineOptions()``, no --workers-per-actor):
+              one actor per CPU core (2 actors of 8 workers here), window 4
+  ray K=1     ``--workers-per-actor 1``: one actor per worker
 
-samples/s = 16 workers x 32 samples x steps / wall time.  Also peak RSS per worker (VmHWM of each
-actor process, divided by its workers; for the simulator, this process / 16) and the peak bytes in
-Ray's object store (sampled every 0.5 s).  Prints a Markdown table, writes throughput.png and the
-section "## Throughput" of RESULTS.md.
+The Ray variants are ``relay_ray.engine.Engine``, timed with ``Engine.run_steps``; the target is
+ray auto >= 0.9x the faster simulator.  samples/s = 16 workers x 32 samples x steps / wall time.
+Also peak RSS per worker (VmHWM of each actor process, divided by its workers; for the simulator,
+this process / 16; the driver reads the actors' /proc/<pid>/status, the pids left by the
+``group_cls`` below) and the peak bytes in Ray's object store (sampled every 0.5 s).  Prints a
+Markdown table, writes throughput.png and the section "## Throughput" of RESULTS.md.
 
-    .venv/bin/python benchmarks/throughput.py    # budget 10 min: 2 min 21 s on 2 idle cores (8 min under load 6-33)
+    .venv/bin/python benchmarks/throughput.py    # budget 10 min; not yet timed with this engine
+                                                 # (previous engine: 2 min 21 s on 2 idle cores, 8 min under load 6-33)
+    .venv/bin/python benchmarks/throughput.py --steps 5 --repeats 1 --no-results   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import resource
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import (  # noqa: E402
-    ROOT, command_line, drive, load_average, machine, save_figure, start_ray, write_section)
+    PREVIOUS_COMMIT, PREVIOUS_LABEL, PREVIOUS_NOTE, ROOT, command_line, drive, load_average, machine, save_figure,
+    start_engine, start_ray, verdict, write_section)
 
 from relay_ray.config import RunConfig  # noqa: E402
 from relay_ray.data import load_dataset  # noqa: E402
 from relay_ray.experiment import build_experiment  # noqa: E402
+from relay_ray.group import WorkerGroup  # noqa: E402
 from relay_ray.worker import Worker  # noqa: E402
 
 SECTION = "## Throughput"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
-LAYOUTS = {"ray K=1": 1, "ray K=8": 8}
+LAYOUTS = {"ray auto": "auto", "ray K=1": 1}  # label: --workers-per-actor
+AUTO = "ray auto"  # the headline
+# The previous engine's `ray K=1` row (RayEngine: one actor per worker, messages ray.put), from the
+# last re-run in RESULTS.md of e83e170 (idle machine; its faster simulator made 2122 samples/s).
+PREVIOUS_ROW = "| 16 | 295, 286 | 1733 | 0.82x | 747 | 360 | 189 | 17 |"
 
 
-def _status_kb(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
+def _status_kb(pid: int | str, field: str) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
 
 
-class _Metered:
-    """Mixed into the actor classes: the process's peak and private resident memory."""
+class PidGroup(WorkerGroup):
+    """The engine's worker group, leaving its process id in ``pid_dir`` (a file named by the pid,
+    holding its ranks) so the driver can read the actor process's memory from /proc.  Set
+    ``pid_dir`` on a subclass (``with_pid_dir``); the class travels to the actor by value."""
 
-    def memory(self) -> dict:
-        return {"peak_rss_mb": _status_kb("VmHWM") / 1024, "anon_rss_mb": _status_kb("RssAnon") / 1024}
+    pid_dir: str | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        Path(self.pid_dir, str(os.getpid())).write_text(" ".join(map(str, self.ranks)))
+
+
+def with_pid_dir(pid_dir: str) -> type[PidGroup]:
+    return type("PidGroup", (PidGroup,), {"pid_dir": pid_dir})
+
+
+def actor_memory(pid_dir: str) -> list[dict]:
+    """Peak (VmHWM) and private (RssAnon) resident MB of each actor process, and its workers."""
+    out = []
+    for path in Path(pid_dir).iterdir():
+        out.append({"workers": len(path.read_text().split()), "peak_rss_mb": _status_kb(path.name, "VmHWM") / 1024,
+                    "anon_rss_mb": _status_kb(path.name, "RssAnon") / 1024})
+    return out
 
 
 def time_simulator(experiment, steps: int, repeats: int, threads: int) -> tuple[list[float], float]:
@@ -95,51 +126,24 @@ class StoreSampler(threading.Thread):
             self.done.wait(self.period_s)
 
 
-def time_engine(experiment, per_actor: int, steps: int, repeats: int) -> dict:
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from relay_ray.engine import RayEngine, RayWorker
-    from relay_ray.packing import PackedRayEngine, WorkerGroup
-
-    class MeteredWorker(_Metered, RayWorker):
-        pass
-
-    class MeteredGroup(_Metered, WorkerGroup):
-        pass
-
-    remote_worker = ray.remote(MeteredWorker)
-
-    class MeteredEngine(RayEngine):
-        def _spawn_actors(self, data_ref, threads):  # RayEngine's, with the metered worker class
-            return [remote_worker.options(
-                num_cpus=self.cpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=rank),
-            ).remote(self.experiment.worker_spec(rank), data_ref, threads) for rank in range(self.config.num_workers)]
-
-    class MeteredPackedEngine(PackedRayEngine):
-        actor_class = ray.remote(MeteredGroup)
-
-    config = experiment.config
-    started = time.perf_counter()
-    if per_actor == 1:
-        engine = MeteredEngine(config, experiment)
-    else:
-        engine = MeteredPackedEngine(config, experiment, workers_per_actor=per_actor)
-    startup = time.perf_counter() - started
-    sampler = StoreSampler()
-    sampler.start()
-    try:
-        runs = [drive(engine, steps=steps, warmup=3) for _ in range(repeats)]
-        memory = ray.get([actor.memory.remote() for actor in engine.actors])
-    finally:
-        sampler.done.set()
-        sampler.join()
-        engine.shutdown()
-    workers_per_actor = config.num_workers / len(memory)
-    return {"step_s": [r["step_s"] for r in runs], "startup_s": startup, "actors": len(memory),
-            "peak_rss_mb": max(m["peak_rss_mb"] for m in memory) / workers_per_actor,
-            "anon_rss_mb": max(m["anon_rss_mb"] for m in memory) / workers_per_actor,
+def time_engine(experiment, workers_per_actor, steps: int, repeats: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="relay_ray_pids_") as pid_dir:
+        started = time.perf_counter()
+        engine = start_engine(experiment, workers_per_actor, group_cls=with_pid_dir(pid_dir))
+        startup = time.perf_counter() - started
+        sampler = StoreSampler()
+        sampler.start()
+        try:
+            runs = [drive(engine, steps=steps, warmup=3) for _ in range(repeats)]
+            memory = actor_memory(pid_dir)  # while the actors live
+        finally:
+            sampler.done.set()
+            sampler.join()
+            engine.shutdown()
+    return {"step_s": [r["step_s"] for r in runs], "startup_s": startup, "actors": engine.shape.num_actors,
+            "shape": engine.shape.describe(),
+            "peak_rss_mb": max(m["peak_rss_mb"] / m["workers"] for m in memory),
+            "anon_rss_mb": max(m["anon_rss_mb"] / m["workers"] for m in memory),
             "store_peak_mib": sampler.peak_mib, "driver_s": statistics.median(r["driver_s"] for r in runs)}
 
 
@@ -153,22 +157,41 @@ def plot(results: dict, path: Path, command: str, samples_per_step: int) -> None
     values = [samples_per_step / statistics.median(results[k]["step_s"]) for k in labels]
     base = max(v for k, v in zip(labels, values) if k.startswith("sim"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = [f"{k} (default)" if k == AUTO else k for k in labels]
     bars = ax.bar(labels, values, color=["gray" if k.startswith("sim") else "C0" for k in labels])
     for bar, value in zip(bars, values):
         ax.annotate(f"{value:.0f}\n({value / base:.2f}x)", (bar.get_x() + bar.get_width() / 2, value),
                     ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("training samples / s (median)")
     ax.set_ylim(0, max(values) * 1.25)
-    ax.set_title("16 workers, small CNN on CIFAR-10, RelaySGD chain, 2-core CPU")
+    ax.axhline(0.9 * base, color="gray", linestyle=":", label="target: 0.9x the faster simulator")
+    ax.legend(fontsize=9, loc="upper left")
+    ax.set_title(f"{samples_per_step // 32} workers, small CNN on CIFAR-10, RelaySGD chain, 2-core CPU")
     ax.grid(alpha=0.3, axis="y")
     save_figure(fig, path, command, bottom=0.05)
 
 
+HEADER = ["| backend | actors | ms / step (median, min) | samples/s | vs faster simulator | peak RSS / worker MB | "
+          "private RSS / worker MB | peak object store MiB | start-up s |",
+          "|---|---|---|---|---|---|---|---|---|"]
+
+
+def simulator_rate(results: dict, samples_per_step: int) -> float:
+    """samples/s of the faster simulator configuration: the baseline."""
+    return samples_per_step / min(statistics.median(r["step_s"]) for k, r in results.items() if k.startswith("sim"))
+
+
+def target(results: dict, samples_per_step: int) -> str:
+    if AUTO not in results or not any(k.startswith("sim") for k in results):
+        return "(not checked: needs ray auto and the simulator)"
+    ratio = samples_per_step / statistics.median(results[AUTO]["step_s"]) / simulator_rate(results, samples_per_step)
+    return (f"**Target: ray auto (the default, {results[AUTO]['shape']}) >= 0.9x the faster simulator: "
+            f"{verdict(ratio >= 0.9)}** ({ratio:.2f}x).")
+
+
 def table(results: dict, samples_per_step: int) -> str:
-    base = samples_per_step / min(statistics.median(r["step_s"]) for k, r in results.items() if k.startswith("sim"))
-    lines = ["| backend | actors | ms / step (median, min) | samples/s | vs faster simulator | peak RSS / worker MB | "
-             "private RSS / worker MB | peak object store MiB | start-up s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    base = simulator_rate(results, samples_per_step)
+    lines = list(HEADER)
     for label, r in results.items():
         median, best = statistics.median(r["step_s"]), min(r["step_s"])
         rate = samples_per_step / median
@@ -189,7 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="repeats; the table shows the median")
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
+                        help="Ray variants (ray auto: no --workers-per-actor, the default)")
     parser.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md and throughput.png")
     return parser.parse_args(argv)
 
@@ -222,28 +246,41 @@ def main(argv=None) -> int:
         for label in args.layouts:
             results[label] = time_engine(experiment, LAYOUTS[label], args.steps, args.repeats)
             loads.append(load_average())
-            print(f"{label} {[round(1e3 * t) for t in results[label]['step_s']]} ms/step, load {load_average()}",
-                  file=sys.stderr, flush=True)
+            print(f"{label} ({results[label]['shape']}) {[round(1e3 * t) for t in results[label]['step_s']]} "
+                  f"ms/step, load {load_average()}", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
     elapsed = time.perf_counter() - started
     text = table(results, samples_per_step)
-    print(text)
+    check = target(results, samples_per_step)
+    print(text + "\n\n" + check)
     if args.no_results:
         return 0
     out = Path(args.out)
     png = out / "throughput.png"
     plot(results, png, command, samples_per_step)
+    layouts = "\n".join(f"- `{k}`: {r['shape']}" for k, r in results.items() if "shape" in r)
+    previous = "\n".join([*HEADER, f"| {PREVIOUS_LABEL} {PREVIOUS_ROW}"])
     section = f"""{SECTION}
 
 Command: `{command}` ({elapsed:.0f} s; {machine()}; load average 1/5/15 min during the run:
 {', '.join(loads)}; {args.repeats} repeats of {args.steps} training steps after warm-up, no evaluations).
 Plot: `{png.name}`. Model `{args.model}` ({experiment.task_data.x_train.shape[1:]} inputs), {args.workers}
-workers x batch 32 = {samples_per_step} samples per step. Peak RSS is VmHWM, which counts pages of the
-shared-memory object store a worker maps (the training set is read zero-copy from it); private RSS
-is RssAnon at the end of the run.
+workers x batch 32 = {samples_per_step} samples per step. Ray variants: `relay_ray.engine.Engine` with
+the given `--workers-per-actor` (`ray auto` = no flag, the default), timed with `Engine.run_steps`:
+{layouts or '(none run)'}
+
+Peak RSS is VmHWM, which counts pages of the shared-memory object store a worker maps (the training
+set is read zero-copy from it); private RSS is RssAnon at the end of the run.
 
 {text}
+
+{check}
+
+{PREVIOUS_NOTE} Reference, not measured in this run (previous engine, from RESULTS.md of commit
+{PREVIOUS_COMMIT}, its last idle-machine re-run; the ratio is to that run's faster simulator, 2122 samples/s):
+
+{previous}
 """
     write_section(out / "RESULTS.md", SECTION, section)
     print(f"\nwrote {png} and {out / 'RESULTS.md'}", file=sys.stderr)

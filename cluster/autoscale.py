@@ -1,22 +1,27 @@
 """Scale an autoscaling Ray cluster up for one relay-ray command, run it, then let it scale down.
 
-relay_ray checks, before any actor starts, that the cluster *as it is now* can hold every worker,
+relay_ray checks, before any actor starts, that the cluster *as it is now* can hold every actor,
 and fails fast with a one-line error otherwise: right for a fixed cluster, too early for an
-autoscaling one whose worker nodes start at zero. This wrapper asks Ray's autoscaler for the run's
-worker bundles (``ray.autoscaler.sdk.request_resources``), waits until enough nodes have joined,
-runs the command, and withdraws the request, so the nodes go idle and are removed after the
+autoscaling one whose worker nodes start at zero. This wrapper works out the run's actor bundles
+with relay_ray's own parser and placement rule (``relay_ray.engine.placement.actor_shape``), asks
+Ray's autoscaler for them (``ray.autoscaler.sdk.request_resources``), waits until enough nodes have
+joined, runs the command, and withdraws the request, so the nodes go idle and are removed after the
 cluster's idle timeout. Use it as a job entrypoint (RAY_ADDRESS is set there):
 
     ray job submit --working-dir . -- python cluster/autoscale.py \\
-        relay-ray run --workers 16 --cpus-per-worker 1 --dataset digits --out /shared/runs/d16
+        relay-ray run --workers 16 --workers-per-actor 1 --cpus-per-actor 1 --dataset digits --out /shared/runs/d16
 
-The command must name --workers and --cpus-per-worker (and --gpus-per-worker for GPU bundles).
+The command must give an explicit shape, --workers-per-actor K and --cpus-per-actor C: with the
+default (auto) the number of actors follows the CPUs the cluster has when the run starts, so a
+cluster that starts empty has nothing fixed to grow to. GPUs per actor follow the run's own rule
+(--gpus-per-actor, default 1 with --device cuda, else 0).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -25,29 +30,73 @@ import time
 PROG = "cluster/autoscale.py"
 
 
-def _bundles_that_fit(cpus: float, gpus: float, nodes: list[dict]) -> int:
-    """How many {CPU: cpus, GPU: gpus} bundles the nodes hold (a bundle sits on one node)."""
-    fit = 0
-    for resources in nodes:
-        per_node = math.floor(resources.get("CPU", 0.0) / cpus + 1e-9)
-        if gpus:
-            per_node = min(per_node, math.floor(resources.get("GPU", 0.0) / gpus + 1e-9))
-        fit += per_node
-    return fit
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"{PROG}: error: {message}")
 
 
-def _run_shape(command: list[str]) -> tuple[int, float, float]:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--cpus-per-worker", type=float)
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0)
-    known, _ = parser.parse_known_args(command)
+def _parse_command(command: list[str]) -> argparse.Namespace:
+    """``command`` parsed by the real `relay-ray` parser; its usage errors become one line of ours."""
+    from relay_ray.cli import build_parser
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            args = build_parser().parse_args(command[1:])
+    except SystemExit as exc:
+        if not exc.code:                                   # --help: relay-ray printed it
+            raise
+        reason = " ".join(captured.getvalue().split()).removeprefix("relay-ray: error: ")
+        raise _fail(f"the relay-ray command does not parse: {reason}") from None
+    args.argv = command[1:]                                # which flags were given (--config / --resume)
+    return args
+
+
+def _run_config(args: argparse.Namespace):
+    """The run's resolved settings (workers, device), as `relay-ray` resolves them."""
+    from relay_ray import cli
+    from relay_ray.config import RunConfig
+    from relay_ray.errors import UserError
+
+    if args.command == "compare":
+        first = next((a.strip() for a in args.algorithms.split(",") if a.strip()), None)
+        return RunConfig(**{**cli._run_settings(args), **({"algorithm": first} if first else {}), "out": None})
+    if args.resume is not None and args.config is None:   # its config.yaml; no checkpoint loading here
+        saved = os.path.join(args.resume, "config.yaml")
+        if not os.path.isfile(saved):
+            raise UserError(f"--resume {args.resume} has no config.yaml; give the --out directory of a run")
+        args = argparse.Namespace(**{**vars(args), "resume": None, "config": saved})
+    return cli._resolve_run(args).config
+
+
+def _run_shape(command: list[str]):
+    """The actors the command will place (a ``relay_ray.engine.placement.ActorShape``)."""
     if not command or os.path.basename(command[0]) != "relay-ray" or command[1:2] not in (["run"], ["compare"]):
-        raise SystemExit(f"{PROG}: error: expected a `relay-ray run ...` or `relay-ray compare ...` command")
-    if known.workers is None or known.cpus_per_worker is None:
-        raise SystemExit(f"{PROG}: error: the command must give --workers and --cpus-per-worker "
-                         "(the cluster is sized from them)")
-    return known.workers, known.cpus_per_worker, known.gpus_per_worker
+        raise _fail("expected a `relay-ray run ...` or `relay-ray compare ...` command")
+    from relay_ray.cli import engine_options
+    from relay_ray.config import WORKERS_PER_ACTOR_AUTO
+    from relay_ray.engine import placement
+    from relay_ray.errors import UserError
+
+    args = _parse_command(command)
+    try:
+        options = engine_options(args)
+        if options.workers_per_actor == WORKERS_PER_ACTOR_AUTO or options.cpus_per_actor is None:
+            raise _fail("the command must give --workers-per-actor K and --cpus-per-actor C: their defaults follow "
+                        "the cluster's CPUs when the run starts, so a growing cluster has no fixed size to wait for")
+        config = _run_config(args)
+        if config.backend != "ray":
+            raise _fail(f"the command runs with --backend {config.backend}, in one process: it needs no cluster")
+        # explicit K and C: the shape is the same for every cluster, so no nodes are needed to compute it
+        return placement.actor_shape(config.num_workers, options, config.device, [])
+    except UserError as exc:
+        raise _fail(" ".join(str(exc).split())) from None
+
+
+def _fits(shape, nodes: list[dict]) -> bool:
+    """Whether ``nodes`` hold every actor of ``shape`` (relay_ray's own bundles-that-fit rule)."""
+    from relay_ray.engine.placement import bundles_that_fit
+
+    return bundles_that_fit(shape.bundle, nodes) >= shape.num_actors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,23 +105,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait for the nodes to join (default: 900)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the relay-ray command to run")
     args = parser.parse_args(argv)
-    workers, cpus, gpus = _run_shape(args.command)
+    shape = _run_shape(args.command)
 
     import ray
     from ray.autoscaler.sdk import request_resources
 
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level="ERROR")
-    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    print(f"{PROG}: asking the autoscaler for {workers} x {bundle}", flush=True)
-    request_resources(bundles=[bundle] * workers)
+    want = f"{shape.num_actors} x {shape.bundle}"
+    print(f"{PROG}: {shape.describe()}; asking the autoscaler for {want}", flush=True)
+    request_resources(bundles=[shape.bundle] * shape.num_actors)
     try:
         started = time.monotonic()
         while True:
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-            if _bundles_that_fit(cpus, gpus, nodes) >= workers:
+            if _fits(shape, nodes):
                 break
             if time.monotonic() - started > args.timeout:
-                print(f"{PROG}: error: the cluster did not grow to {workers} x {bundle} within {args.timeout:.0f}s "
+                print(f"{PROG}: error: the cluster did not grow to {want} within {args.timeout:.0f}s "
                       f"(nodes: {len(nodes)}, CPUs: {sum(r.get('CPU', 0) for r in nodes):g}); check max_workers",
                       file=sys.stderr)
                 return 1

@@ -301,21 +301,96 @@ def _autoscale_module():
     return module
 
 
-def test_autoscale_wrapper_sizes_the_request_from_the_run_flags():
+def _one_line_exit(excinfo) -> str:
+    message = str(excinfo.value.code)
+    assert message.startswith("cluster/autoscale.py: error: ") and "\n" not in message, message
+    return message
+
+
+def test_autoscale_wrapper_sizes_the_request_with_the_engines_shape():
     shape = _autoscale_module()._run_shape
-    assert shape(["relay-ray", "run", "--dataset", "digits", "--workers", "16", "--cpus-per-worker", "1"]) == (16, 1.0, 0.0)
-    assert shape(["relay-ray", "compare", "--workers", "8", "--cpus-per-worker", "0.5",
-                  "--gpus-per-worker", "0.25"]) == (8, 0.5, 0.25)
-    with pytest.raises(SystemExit, match="--workers and --cpus-per-worker"):
-        shape(["relay-ray", "run", "--workers", "16"])
-    with pytest.raises(SystemExit, match="expected a `relay-ray run"):
-        shape(["python", "train.py", "--workers", "16", "--cpus-per-worker", "1"])
+    one_cpu_actors = shape(["relay-ray", "run", "--dataset", "digits", "--workers", "16", "--workers-per-actor", "1",
+                            "--cpus-per-actor", "1"])
+    assert (one_cpu_actors.num_actors, one_cpu_actors.bundle) == (16, {"CPU": 1.0})
+    groups = shape(["relay-ray", "run", "--workers", "16", "--workers-per-actor", "4", "--cpus-per-actor", "4"])
+    assert (groups.num_actors, groups.workers_per_actor, groups.bundle) == (4, 4, {"CPU": 4.0})
+    uneven = shape(["relay-ray", "run", "--workers", "10", "--workers-per-actor", "4", "--cpus-per-actor", "2"])
+    assert uneven.num_actors == 3                          # 4 + 4 + 2 workers
+    gpu_shares = shape(["relay-ray", "compare", "--workers", "8", "--workers-per-actor", "2", "--cpus-per-actor",
+                        "0.5", "--gpus-per-actor", "0.25"])
+    assert (gpu_shares.num_actors, gpu_shares.bundle) == (4, {"CPU": 0.5, "GPU": 0.25})
+    # --device cuda: one GPU per actor unless --gpus-per-actor says otherwise (the engine's default)
+    cuda = shape(["relay-ray", "run", "--workers", "16", "--workers-per-actor", "4", "--cpus-per-actor", "4",
+                  "--device", "cuda"])
+    assert cuda.bundle == {"CPU": 4.0, "GPU": 1.0}
+    # the worker count is resolved as relay-ray resolves it: social has 32 workers
+    social = shape(["relay-ray", "run", "--topology", "social", "--workers-per-actor", "4", "--cpus-per-actor", "2"])
+    assert (social.num_workers, social.num_actors) == (32, 8)
 
 
-def test_autoscale_wrapper_counts_bundles_per_node():
-    fit = _autoscale_module()._bundles_that_fit
+def test_autoscale_wrapper_takes_workers_and_device_from_a_config_or_a_resumed_run(tmp_path):
+    shape = _autoscale_module()._run_shape
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"dataset": "digits", "num_workers": 12, "device": "cuda"}))
+    resumed = shape(["relay-ray", "run", "--resume", str(tmp_path), "--workers-per-actor", "3", "--cpus-per-actor", "2"])
+    assert (resumed.num_workers, resumed.num_actors, resumed.bundle) == (12, 4, {"CPU": 2.0, "GPU": 1.0})
+    overridden = shape(["relay-ray", "run", "--config", str(tmp_path / "config.yaml"), "--workers", "6",
+                        "--workers-per-actor", "3", "--cpus-per-actor", "2"])
+    assert (overridden.num_workers, overridden.num_actors) == (6, 2)
+
+
+@pytest.mark.parametrize("flags", [
+    [],                                                    # auto, cluster's CPUs shared
+    ["--workers-per-actor", "4"],                          # CPUs still the cluster's share
+    ["--cpus-per-actor", "1"],                             # actor count still auto
+    ["--workers-per-actor", "auto", "--cpus-per-actor", "1"],
+])
+def test_autoscale_wrapper_needs_an_explicit_shape(flags):
+    with pytest.raises(SystemExit) as excinfo:
+        _autoscale_module()._run_shape(["relay-ray", "run", "--workers", "16", *flags])
+    message = _one_line_exit(excinfo)
+    assert "--workers-per-actor K and --cpus-per-actor C" in message
+
+
+@pytest.mark.parametrize("command,message", [
+    (["python", "train.py", "--workers", "16"], "expected a `relay-ray run"),
+    (["relay-ray", "tune", "tune_configs/quickstart.yaml"], "expected a `relay-ray run"),
+    (["relay-ray", "run", "--workers", "16", "--cpus-per-worker", "1"], "unrecognized arguments: --cpus-per-worker"),
+    (["relay-ray", "run", "--workers", "x", "--workers-per-actor", "2", "--cpus-per-actor", "1"],
+     "invalid int value: 'x'"),
+    (["relay-ray", "run", "--workers", "16", "--workers-per-actor", "0", "--cpus-per-actor", "1"],
+     "--workers-per-actor must be >= 1"),
+    (["relay-ray", "run", "--workers", "1", "--workers-per-actor", "1", "--cpus-per-actor", "1"],
+     "--workers must be at least 2"),
+    (["relay-ray", "run", "--workers", "4", "--workers-per-actor", "1", "--cpus-per-actor", "1", "--backend", "local"],
+     "needs no cluster"),
+    (["relay-ray", "run", "--resume", "/nonexistent/run", "--workers-per-actor", "1", "--cpus-per-actor", "1"],
+     "has no config.yaml"),
+])
+def test_autoscale_wrapper_rejects_a_bad_command_in_one_line(command, message):
+    with pytest.raises(SystemExit) as excinfo:
+        _autoscale_module()._run_shape(command)
+    assert message in _one_line_exit(excinfo)
+
+
+def test_autoscale_wrapper_waits_with_the_engines_bundle_rule():
+    from relay_ray.engine import placement
+
+    module = _autoscale_module()
+    assert not hasattr(module, "_bundles_that_fit")        # no private copy of the rule
+    shape = module._run_shape
+    fits = module._fits
     four_cpu_nodes = [{"CPU": 4.0}] * 4
-    assert fit(1.0, 0.0, four_cpu_nodes) == 16
-    assert fit(1.5, 0.0, four_cpu_nodes) == 8          # 2 per node, not 16 / 1.5
-    assert fit(1.0, 0.25, [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 16.0}]) == 4
-    assert fit(1.0, 0.0, [{"CPU": 0.0}]) == 0          # a head with no CPUs holds no worker
+    sixteen = shape(["relay-ray", "run", "--workers", "16", "--workers-per-actor", "1", "--cpus-per-actor", "1"])
+    assert fits(sixteen, four_cpu_nodes) and not fits(sixteen, four_cpu_nodes[:3])
+    assert not fits(sixteen, [{"CPU": 0.0}])               # a head with no CPUs holds no actor
+    wide = shape(["relay-ray", "run", "--workers", "16", "--workers-per-actor", "1", "--cpus-per-actor", "1.5"])
+    assert not fits(wide, [{"CPU": 4.0}] * 6)              # 24 CPUs = 16 x 1.5, but 2 per node: 12 actors
+    assert fits(wide, four_cpu_nodes + [{"CPU": 4.0}] * 4)
+    groups = shape(["relay-ray", "run", "--workers", "16", "--workers-per-actor", "4", "--cpus-per-actor", "4"])
+    assert not fits(groups, [{"CPU": 3.0}] * 8)            # 24 CPUs, but no node holds a 4-CPU actor
+    gpu = shape(["relay-ray", "run", "--workers", "16", "--workers-per-actor", "4", "--cpus-per-actor", "4",
+                 "--device", "cuda"])
+    assert not fits(gpu, [{"CPU": 16.0}] * 4)              # CPUs enough, no GPU
+    assert fits(gpu, [{"CPU": 4.0, "GPU": 1.0}] * 4)
+    for shp, nodes in ((sixteen, four_cpu_nodes[:3]), (wide, four_cpu_nodes), (gpu, [{"CPU": 4.0, "GPU": 1.0}] * 4)):
+        assert fits(shp, nodes) == (placement.bundles_that_fit(shp.bundle, nodes) >= shp.num_actors)
