@@ -190,9 +190,9 @@ def test_job_submit_runs_relay_ray_on_a_token_auth_head(token_head, tmp_path):
     assert 0.5 < rows[-1]["test_acc_avg_model"] <= 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "ray" and summary["num_workers"] == 4 and summary["final"]["step"] == 30
-    # 4 workers shared the head's 3 CPUs: the run attached to this head (an embedded Ray on this
-    # 2-core machine would have given each worker 0.5 CPU)
-    assert summary["cpus_per_worker"] == pytest.approx(HEAD_CPUS / 4)
+    # auto placed the 4 workers in one actor per CPU of the 3-CPU head: the run attached to this head
+    # (an embedded Ray on this 2-core machine would have made 2 actors)
+    assert (summary["engine"]["num_actors"], summary["engine"]["cpus_per_actor"]) == (HEAD_CPUS, 1.0)
     assert (out / "config.yaml").is_file()
     assert '"step": 30' in logs      # the final metrics line printed by the entrypoint
 

@@ -1,17 +1,24 @@
 """The Ray engine survives: an interrupted driver resumes exactly, a killed worker actor is
-restarted from the last checkpoint (or step 0) and the run ends with the undisturbed numbers."""
+restarted from the last checkpoint (or step 0) and the run ends with the undisturbed numbers;
+with the default (auto) workers per actor and with all workers in one actor (K = n).
+
+Faults come in through the engine's public seams: an ``on_step`` hook (kill an actor, interrupt or
+SIGKILL the driver at a given step) and ``group_cls`` (a worker group whose process dies itself)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import ray
 
 from relay_ray.checkpoint import find_latest, load_worker, worker_header
-from relay_ray.config import RunConfig
-from relay_ray.engine import RayEngine, WorkerFailure
+from relay_ray.config import EngineOptions, RunConfig
+from relay_ray.engine import Engine, WorkerFailure
 from relay_ray.experiment import build_experiment
+from relay_ray.group import WorkerGroup
 from relay_ray.simulate import simulate
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -63,35 +70,45 @@ class _Interrupt(BaseException):
     """Stands in for the driver dying (a real SIGKILL of a driver process: the test below)."""
 
 
-# A driver process on the test's Ray instance that SIGKILLs itself when it submits step 75.
+def _at_step(step: int, action):
+    """An ``on_step`` hook that calls ``action(engine)`` once step ``step`` has been submitted."""
+    def on_step(engine, submitted):
+        if submitted == step:
+            action(engine)
+    return on_step
+
+
+def _raise_interrupt(engine):
+    raise _Interrupt()
+
+
+# workers per actor: the default and one actor for all 4 workers (4 CPUs in ray_local: auto = 1 per actor)
+KS = {"auto": "auto", "K=n": 4}
+
+# A driver process on the test's Ray instance: the engine the CLI would build, SIGKILLed at step 75.
 KILLED_AT_75 = """
 import os, signal, sys
-from relay_ray import cli
-from relay_ray.engine import RayEngine
-submit, calls = RayEngine._submit_step, [0]
-def dying_submit(self, outboxes):
-    calls[0] += 1
-    if calls[0] == 76:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return submit(self, outboxes)
-RayEngine._submit_step = dying_submit
-sys.exit(cli.main(sys.argv[1:]))
+from relay_ray.config import EngineOptions, RunConfig
+from relay_ray.engine import Engine, connect
+connect(sys.argv[1])
+config = RunConfig.load(sys.argv[2])
+config.out = sys.argv[3]
+engine = Engine(config, options=EngineOptions(cpus_per_actor=0.5),
+                on_step=lambda engine, step: step == 75 and os.kill(os.getpid(), signal.SIGKILL))
+engine.run(progress=False)
 """
 
 
 def test_sigkilled_ray_driver_resumes_like_an_uninterrupted_run(ray_local, reference, tmp_path):
     address = ray_local.get_runtime_context().gcs_address
     out = tmp_path / "run"
-    flags = ["--algorithm", "relaysgd", "--tree", "chain", "--workers", "4", "--dataset", "digits", "--alpha", "0.1",
-             "--model", "logreg", "--steps", "100", "--eval-every", "10", "--checkpoint-every", "20", "--seed", "5",
-             "--lr", "0.1", "--momentum", "0.9", "--drop-prob", "0.1", "--cpus-per-worker", "0.5", "--quiet",
-             "--address", address]
-    killed = subprocess.run([sys.executable, "-c", KILLED_AT_75, "run", *flags, "--out", str(out)],
+    _config("relaysgd", out).dump(tmp_path / "settings.yaml")
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_75, address, str(tmp_path / "settings.yaml"), str(out)],
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr
     assert [r["step"] for r in _rows(out)] == [10, 20, 30, 40, 50, 60, 70]
     resumed = subprocess.run([sys.executable, "-m", "relay_ray", "run", "--resume", str(out), "--address", address,
-                              "--cpus-per-worker", "0.5", "--quiet"], capture_output=True, text=True, timeout=600)
+                              "--quiet"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"relay-ray: resuming {out} from step 60" in resumed.stderr
     ref_rows, ref_params = reference["relaysgd"]
@@ -100,33 +117,24 @@ def test_sigkilled_ray_driver_resumes_like_an_uninterrupted_run(ray_local, refer
         np.testing.assert_allclose(params, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", list(KS))
 @pytest.mark.parametrize("algorithm", ["relaysgd", "dsgd"])
-def test_interrupted_at_75_resumes_from_60_like_an_uninterrupted_run(ray_local, reference, algorithm, tmp_path,
-                                                                     monkeypatch):
+def test_interrupted_at_75_resumes_from_60_like_an_uninterrupted_run(ray_local, reference, algorithm, k, tmp_path):
     config = _config(algorithm, tmp_path)
-    submit = RayEngine._submit_step
-    calls = {"n": 0}
-
-    def dying_submit(self, outboxes):
-        calls["n"] += 1
-        if calls["n"] == 76:  # step 75: rows up to 70 written, checkpoint 60 the newest
-            raise _Interrupt()
-        return submit(self, outboxes)
-
-    monkeypatch.setattr(RayEngine, "_submit_step", dying_submit)
-    engine = RayEngine(config, build_experiment(config))
+    options = EngineOptions(workers_per_actor=KS[k])
+    # step 75: rows up to 70 written, checkpoint 60 the newest
+    engine = Engine(config, build_experiment(config), options, on_step=_at_step(75, _raise_interrupt))
     try:
         with pytest.raises(_Interrupt):
             engine.run(progress=False)
     finally:
         engine.shutdown()
     assert [r["step"] for r in _rows(tmp_path)] == [10, 20, 30, 40, 50, 60, 70]
-    monkeypatch.setattr(RayEngine, "_submit_step", submit)
 
     experiment = build_experiment(config)
     checkpoint, skipped = find_latest(tmp_path, config, experiment.plan)
     assert checkpoint.step == 60 and skipped == []
-    engine = RayEngine(config, experiment)
+    engine = Engine(config, experiment, options)
     try:
         summary = engine.run(progress=False, resume=checkpoint)
     finally:
@@ -138,56 +146,68 @@ def test_interrupted_at_75_resumes_from_60_like_an_uninterrupted_run(ray_local, 
     assert summary["final"]["step"] == 100 and summary["restarts"] == 0
 
 
-def _run_killing_actor(ray_local, monkeypatch, config, at_submit: int, actor: int):
-    """Run ``config`` on the engine, killing actor ``actor`` at the ``at_submit``-th step submission."""
-    submit = RayEngine._submit_step
-    calls = {"n": 0}
+def _run_killing_actor(config, options, at_step: int, group: int):
+    """Run ``config`` on the engine, killing actor ``group`` once step ``at_step`` is submitted;
+    returns the summary and the number of step submissions (replays included)."""
+    submitted = []
 
-    def killing_submit(self, outboxes):
-        calls["n"] += 1
-        if calls["n"] == at_submit:
-            ray_local.kill(self.actors[actor])
-        return submit(self, outboxes)
+    def on_step(engine, step):
+        submitted.append(step)
+        if len(submitted) == at_step:
+            ray.kill(engine.actors[group])
 
-    monkeypatch.setattr(RayEngine, "_submit_step", killing_submit)
-    engine = RayEngine(config, build_experiment(config))
+    engine = Engine(config, build_experiment(config), options, on_step=on_step)
     try:
-        return engine.run(progress=False), calls
+        return engine.run(progress=False), len(submitted)
     finally:
         engine.shutdown()
 
 
-def test_killed_actor_restarts_from_checkpoint_with_the_same_numbers(ray_local, reference, tmp_path, monkeypatch,
-                                                                     capsys):
+@pytest.mark.parametrize("k", list(KS))
+def test_killed_actor_restarts_from_checkpoint_with_the_same_numbers(ray_local, reference, k, tmp_path, capsys):
     config = _config("relaysgd", tmp_path)
-    summary, calls = _run_killing_actor(ray_local, monkeypatch, config, at_submit=47, actor=2)
+    group = 2 if k == "auto" else 0
+    summary, submitted = _run_killing_actor(config, EngineOptions(workers_per_actor=KS[k]), at_step=47, group=group)
     notes = [line for line in capsys.readouterr().err.splitlines() if "restarting" in line]
-    assert len(notes) == 1 and "worker 2 died" in notes[0] and "from checkpoint step 40" in notes[0], notes
+    who = "worker 2 died" if k == "auto" else "workers [0, 1, 2, 3] died"
+    assert len(notes) == 1 and who in notes[0] and "from checkpoint step 40" in notes[0], notes
     assert summary["restarts"] == 1
-    assert calls["n"] == 50 + 60, calls  # found dead at the evaluation at 50, replayed steps 40..99
+    assert submitted == 50 + 60, submitted  # found dead at the evaluation at 50, replayed steps 40..99
     _assert_close_rows(_rows(tmp_path), reference["relaysgd"][0], 1e-6)
 
 
-def test_killed_actor_without_checkpoints_restarts_from_step_0(ray_local, reference, tmp_path, monkeypatch, capsys):
+def _dying_group(rank: int, at_step: int, marker: str):
+    """A worker group whose process exits when worker ``rank`` is about to take step ``at_step`` — once:
+    the marker file keeps the restarted actor alive (a crash, not a bug that a replay would repeat)."""
+    class DyingGroup(WorkerGroup):
+        def step(self, has_inbox, *crossing):
+            if rank in self.ranks and self.step_count == at_step and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            return super().step(has_inbox, *crossing)
+    return DyingGroup
+
+
+def test_crashed_actor_process_without_checkpoints_restarts_from_step_0(ray_local, reference, tmp_path, capsys):
     config = _config("dsgd", tmp_path, checkpoint_every=None)
-    summary, calls = _run_killing_actor(ray_local, monkeypatch, config, at_submit=25, actor=0)
+    group_cls = _dying_group(rank=0, at_step=24, marker=str(tmp_path / "died"))
+    engine = Engine(config, build_experiment(config), group_cls=group_cls)
+    try:
+        summary = engine.run(progress=False)
+    finally:
+        engine.shutdown()
     notes = [line for line in capsys.readouterr().err.splitlines() if "restarting" in line]
-    assert len(notes) == 1 and "from step 0 (no checkpoint yet)" in notes[0], notes
+    assert (tmp_path / "died").exists()
+    assert len(notes) == 1 and "worker 0 died" in notes[0] and "from step 0 (no checkpoint yet)" in notes[0], notes
     assert summary["restarts"] == 1
     _assert_close_rows(_rows(tmp_path), reference["dsgd"][0], 1e-6)
 
 
-def test_gives_up_after_max_restarts(ray_local, tmp_path, monkeypatch):
+def test_gives_up_after_max_restarts(ray_local, tmp_path):
     config = _config("relaysgd", tmp_path, checkpoint_every=None, steps=40)
-    submit = RayEngine._submit_step
-
-    def killing_submit(self, outboxes):
-        if outboxes is None:  # the first step of every attempt: this worker never survives
-            ray_local.kill(self.actors[1])
-        return submit(self, outboxes)
-
-    monkeypatch.setattr(RayEngine, "_submit_step", killing_submit)
-    engine = RayEngine(config, build_experiment(config), max_restarts=1)
+    # the first step of every attempt: this worker never survives
+    engine = Engine(config, build_experiment(config), EngineOptions(max_restarts=1),
+                    on_step=_at_step(1, lambda engine: ray.kill(engine.actors[1])))
     try:
         with pytest.raises(WorkerFailure, match=r"worker 1 died .*gave up after 1 restart\(s\) \(--max-restarts 1\)"):
             engine.run(progress=False)

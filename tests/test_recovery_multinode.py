@@ -1,9 +1,11 @@
 """A whole node of a 3-node ray.cluster_utils.Cluster is removed mid-run: the engine re-places
-its workers on the two nodes left, restores the last checkpoint and ends with the undisturbed numbers."""
+its actors on the two nodes left (auto re-cuts the groups for the CPUs left), restores the last
+checkpoint and ends with the undisturbed numbers."""
 
 import pytest
 
-from relay_ray.engine import RayEngine
+from relay_ray.config import EngineOptions
+from relay_ray.engine import Engine
 from relay_ray.experiment import build_experiment
 from relay_ray.simulate import simulate
 from tests.test_recovery import _assert_close_rows, _config, _rows
@@ -11,32 +13,36 @@ from tests.test_recovery import _assert_close_rows, _config, _rows
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_removed_node_restarts_workers_on_the_surviving_nodes(ray_three_nodes, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("k", ["auto", 2])
+def test_removed_node_restarts_workers_on_the_surviving_nodes(ray_three_nodes, tmp_path, k, capsys):
     cluster = ray_three_nodes
     config = _config("relaysgd", tmp_path / "ray", num_workers=6, steps=60)
     reference = _config("relaysgd", tmp_path / "local", num_workers=6, steps=60, backend="local")
     simulate(reference, progress=False)
 
-    submit = RayEngine._submit_step
-    state = {"calls": 0, "removed": None}
+    state = {"removed": None}
 
-    def removing_submit(self, outboxes):
-        state["calls"] += 1
-        if state["calls"] == 27:
-            used = set(self.node_ids())
+    def remove_a_used_node(engine, step):
+        if step == 27 and state["removed"] is None:  # once: the replay passes step 27 again
+            used = set(engine.node_ids())
             victim = next(node for node in cluster.worker_nodes if node.node_id in used)
             cluster.remove_node(victim)
             state["removed"] = victim.node_id
-        return submit(self, outboxes)
 
-    monkeypatch.setattr(RayEngine, "_submit_step", removing_submit)
-    engine = RayEngine(config, build_experiment(config))
+    # auto: 6 actors of 1 worker, then 4 actors (2 + 2 + 1 + 1) on the 4 CPUs left; K = 2: 3 actors of 2 workers
+    engine = Engine(config, build_experiment(config), EngineOptions(workers_per_actor=k), on_step=remove_a_used_node)
     try:
         nodes_before = set(engine.node_ids())
+        actors_before = engine.shape.num_actors
         summary = engine.run(progress=False)
         nodes_after = set(engine.node_ids())
+        actors_after = engine.shape.num_actors
     finally:
         engine.shutdown()
+        if state["removed"] is not None:  # the cluster is the module's: give the next test its 3 nodes back
+            cluster.add_node(num_cpus=2, num_gpus=1)
+            cluster.wait_for_nodes()
+    assert (actors_before, actors_after) == ((6, 4) if k == "auto" else (3, 3))
     assert len(nodes_before) == 3 and state["removed"] in nodes_before
     assert state["removed"] not in nodes_after and len(nodes_after) == 2, (nodes_after, state["removed"])
     notes = [line for line in capsys.readouterr().err.splitlines() if "restarting" in line]

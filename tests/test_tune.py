@@ -13,7 +13,7 @@ FOUR_TRIALS = {
     "name": "four",
     "base": {"dataset": "digits", "num_workers": 4, "alpha": 0.1, "steps": 60, "eval_every": 20},
     "search": {"algorithm": {"grid_search": ["relaysgd", "dsgd"]}, "lr": {"grid_search": [0.05, 0.1]}},
-    "resources": {"cpus_per_worker": 0.2, "driver_cpus": 0.2},
+    "resources": {"cpus_per_trial": 0.8, "driver_cpus": 0.2},
 }
 
 
@@ -57,11 +57,11 @@ def test_four_trial_sweep(ray_two_cpus, tmp_path):
 
 def test_sweep_needing_more_cpus_than_the_cluster_fails_fast(ray_two_cpus, tmp_path):
     big = {**FOUR_TRIALS, "base": {**FOUR_TRIALS["base"], "num_workers": 16},
-           "resources": {"cpus_per_worker": 0.5, "driver_cpus": 0.5}}
+           "resources": {"cpus_per_trial": 8, "driver_cpus": 0.5}}
     with pytest.raises(UserError) as info:
         run_sweep(write(tmp_path, big), tmp_path / "out", verbose=0)
     message = str(info.value)
-    assert "16 workers" in message and "8.5 CPUs" in message and "has 2 CPUs" in message and "6.5 short" in message
+    assert "16 workers" in message and "8 actors x 1 CPU" in message and "8.5 CPUs" in message and "has 2 CPUs" in message and "6.5 short" in message
     assert not (tmp_path / "out" / "sweep.yaml").exists(), "nothing started"
 
 

@@ -22,7 +22,7 @@ SWEEP = {
     "name": "interrupted",
     "base": {"dataset": "digits", "num_workers": 4, "alpha": 0.1, "steps": 600, "eval_every": 100},
     "search": {"algorithm": {"grid_search": ["relaysgd", "dsgd"]}, "lr": {"grid_search": [0.05, 0.1]}},
-    "resources": {"cpus_per_worker": 0.2, "driver_cpus": 0.2},
+    "resources": {"cpus_per_trial": 0.8, "driver_cpus": 0.2},
     "max_concurrent_trials": 1,
 }
 
