@@ -82,3 +82,19 @@ def test_help_does_not_import_torch_or_ray():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--workers-per-actor" in result.stdout  # the help was really printed
     assert result.stderr.strip().splitlines()[-1] == "LIGHT", result.stderr[-500:]
+
+
+def test_simulator_never_imports_the_engine_or_the_group():
+    """The oracle stays independent of what it checks: `--backend local` runs without the group or the engine."""
+    code = (
+        "import sys\n"
+        "from relay_ray.config import RunConfig\n"
+        "from relay_ray.simulate import simulate\n"
+        "simulate(RunConfig(dataset='quadratics', num_workers=4, steps=3, eval_every=3, backend='local'), progress=False)\n"
+        "used = sorted(m for m in sys.modules if m in ('relay_ray.group', 'relay_ray.runner')\n"
+        "              or m.startswith('relay_ray.engine') or m.split('.')[0] == 'ray')\n"
+        "print('USED' if used else 'INDEPENDENT', *used[:5])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "INDEPENDENT", result.stdout[-500:]

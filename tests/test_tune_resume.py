@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SWEEP = {
     "name": "interrupted",
-    "base": {"dataset": "digits", "num_workers": 4, "alpha": 0.1, "steps": 600, "eval_every": 100},
+    # long enough (~5 s a trial) that the kill lands while the second trial runs, a few s after its checkpoint
+    "base": {"dataset": "digits", "num_workers": 4, "alpha": 0.1, "steps": 2000, "eval_every": 250},
     "search": {"algorithm": {"grid_search": ["relaysgd", "dsgd"]}, "lr": {"grid_search": [0.05, 0.1]}},
     "resources": {"cpus_per_trial": 0.8, "driver_cpus": 0.2},
     "max_concurrent_trials": 1,
@@ -68,7 +69,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr
     restored = [json.loads(p.read_text())["from_step"] for p in out.glob("interrupted/*/run/restored.json")]
-    assert restored and all(step >= 100 for step in restored), \
+    assert restored and all(step >= 250 for step in restored), \
         f"the interrupted trial did not continue from its checkpoint: {restored}; {resumed.stderr[-2000:]}"
 
     after = {p.parent.parent.name: p.read_bytes() for p in out.glob("interrupted/*/run/summary.json")}
@@ -76,9 +77,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     for trial, summary in before.items():
         assert after[trial] == summary, f"{trial} finished before the kill and was run again"
     results = pd.read_csv(out / "results.csv")
-    assert len(results) == 4 and (results["step"] == 600).all()
+    assert len(results) == 4 and (results["step"] == 2000).all()
     for trial in before:
-        assert json.loads(after[trial])["final"]["step"] == 600
+        assert json.loads(after[trial])["final"]["step"] == 2000
     # restored or not, every trial ends where an uninterrupted run of its settings ends
     for row in results.to_dict("records"):
         reference = simulate(RunConfig.from_dict({**SWEEP["base"], "algorithm": row["algorithm"], "lr": row["lr"],
