@@ -5,7 +5,7 @@ actor, K = n all workers in one.  Worker ranks are cut into contiguous, balanced
 (``GroupLayout``): a chain's messages then stay almost all inside a group (2 crossing edges per
 group).  Each step is one call per group: every worker finishes the previous averaging with its
 inbox (crossing messages come as arguments, the others from this group's memory), takes its local
-step, and the messages to other groups are returned in ``layout.outgoing`` order.  The workers run
+step, and the messages to other groups are returned bundled, one list per group they go to.  The workers run
 the same algorithm objects in the same order as the simulator, so any K computes the same numbers.
 
 Evaluation never gathers models in one place: a group returns the float64 sum of its models; the
@@ -25,19 +25,24 @@ from relay_ray.experiment import WorkerSpec
 from relay_ray.worker import Worker
 
 Edge = tuple[int, int]  # (sender, receiver)
+Link = tuple[int, tuple[Edge, ...]]  # (the other group, the crossing edges between the two, in a fixed order)
 
 
 @dataclass(frozen=True)
 class GroupLayout:
-    """Which ranks share a group, and the directed edges that cross groups, in a fixed order.
+    """Which ranks share a group, and the messages that cross groups, bundled per pair of groups.
 
-    ``incoming[g]`` are the crossing edges into group g (the arguments of its step) and
-    ``outgoing[g]`` those out of it (its return values); driver and group use the same order.
+    All messages from group g to group h in one step travel as one bundle (a list of arrays, in the
+    order of the link's edges): one object and one ref per neighbouring group and step, however many
+    tree edges cross (a double binary tree over 2 groups of 32 has 63 crossing edges each way).
+    ``outgoing[g]`` are g's links to the groups it sends to (its step's return values, in this order)
+    and ``incoming[g]`` the links from the groups it receives from (its step's arguments); driver and
+    group use the same order.
     """
 
     groups: tuple[tuple[int, ...], ...]
-    incoming: tuple[tuple[Edge, ...], ...]
-    outgoing: tuple[tuple[Edge, ...], ...]
+    incoming: tuple[tuple[Link, ...], ...]
+    outgoing: tuple[tuple[Link, ...], ...]
 
     @staticmethod
     def balanced(plan: CommPlan, num_groups: int) -> "GroupLayout":
@@ -50,20 +55,29 @@ class GroupLayout:
         starts = np.concatenate([[0], np.cumsum(sizes)])
         groups = tuple(tuple(range(starts[g], starts[g + 1])) for g in range(num_groups))
         group_of = {rank: g for g, ranks in enumerate(groups) for rank in ranks}
-        incoming = tuple(tuple((j, i) for i in ranks for j in plan.neighbors[i] if group_of[j] != g)
-                         for g, ranks in enumerate(groups))
-        outgoing = tuple(tuple((i, j) for i in ranks for j in plan.neighbors[i] if group_of[j] != g)
-                         for g, ranks in enumerate(groups))
+        crossing: dict[tuple[int, int], list[Edge]] = {}
+        for i in range(n):
+            for j in plan.neighbors[i]:
+                if group_of[i] != group_of[j]:
+                    crossing.setdefault((group_of[i], group_of[j]), []).append((i, j))
+        outgoing = tuple(tuple((h, tuple(edges)) for (f, h), edges in sorted(crossing.items()) if f == g)
+                         for g in range(num_groups))
+        incoming = tuple(tuple((f, tuple(edges)) for (f, h), edges in sorted(crossing.items()) if h == g)
+                         for g in range(num_groups))
         return GroupLayout(groups, incoming, outgoing)
 
     @property
     def workers_per_group(self) -> int:
         return max(len(ranks) for ranks in self.groups)
 
+    def crossing_edges(self, group: int) -> list[Edge]:
+        """The edges out of ``group`` whose messages leave its process."""
+        return [edge for _, edges in self.outgoing[group] for edge in edges]
+
     def route(self, outboxes: list[list]) -> list[list]:
-        """Per group, its crossing inbox from every group's crossing outbox (messages or refs alike)."""
-        sent = {edge: msg for g, msgs in enumerate(outboxes) for edge, msg in zip(self.outgoing[g], msgs)}
-        return [[sent[edge] for edge in incoming] for incoming in self.incoming]
+        """Per group, its incoming bundles from every group's outgoing ones (bundles or refs alike)."""
+        sent = {(g, h): bundle for g, bundles in enumerate(outboxes) for (h, _), bundle in zip(self.outgoing[g], bundles)}
+        return [[sent[(f, g)] for f, _ in links] for g, links in enumerate(self.incoming)]
 
 
 class WorkerGroup:
@@ -79,8 +93,8 @@ class WorkerGroup:
         self.workers = [self.worker_class(spec, task_data, num_threads) for spec in specs]
         self.ranks = [spec.rank for spec in specs]
         self.plan = specs[0].plan
-        self.incoming_edges = layout.incoming[group]
-        self.outgoing_edges = layout.outgoing[group]
+        self.incoming_links = layout.incoming[group]
+        self.outgoing_links = layout.outgoing[group]
         self.local: dict[Edge, np.ndarray] = {}  # this step's messages between workers of this group
         self.failure: str | None = None
 
@@ -97,26 +111,27 @@ class WorkerGroup:
     def step_count(self) -> int:
         return self.workers[0].step_count
 
-    def _inboxes(self, crossing) -> list[list[np.ndarray]]:
-        messages = dict(zip(self.incoming_edges, crossing))
+    def _inboxes(self, bundles) -> list[list[np.ndarray]]:
+        messages = {edge: message for (_, edges), bundle in zip(self.incoming_links, bundles)
+                    for edge, message in zip(edges, bundle)}
         messages.update(self.local)
         return [[messages[(j, w.rank)] for j in self.plan.neighbors[w.rank]] for w in self.workers]
 
-    def step(self, has_inbox: bool, *crossing: np.ndarray) -> list[np.ndarray]:
-        """One step of every worker; returns the crossing messages in ``outgoing`` order."""
-        inboxes = self._inboxes(crossing) if has_inbox else [[] for _ in self.workers]
+    def step(self, has_inbox: bool, *bundles: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """One step of every worker; returns one bundle of messages per outgoing link, in ``outgoing`` order."""
+        inboxes = self._inboxes(bundles) if has_inbox else [[] for _ in self.workers]
         sent: dict[Edge, np.ndarray] = {}
         for worker, inbox in zip(self.workers, inboxes):
             with self._remember_failure(worker.rank):
                 for j, message in zip(self.plan.neighbors[worker.rank], worker.step(*inbox)):
                     sent[(worker.rank, j)] = message
-        crossing_out = [sent.pop(edge) for edge in self.outgoing_edges]
+        bundles_out = [[sent.pop(edge) for edge in edges] for _, edges in self.outgoing_links]
         self.local = sent
-        return crossing_out
+        return bundles_out
 
-    def receive(self, *crossing: np.ndarray) -> None:
+    def receive(self, *bundles: list[np.ndarray]) -> None:
         """Every worker finishes its averaging with this step's messages: nothing stays in flight."""
-        for worker, inbox in zip(self.workers, self._inboxes(crossing)):
+        for worker, inbox in zip(self.workers, self._inboxes(bundles)):
             with self._remember_failure(worker.rank):
                 worker.receive(*inbox)
         self.local = {}

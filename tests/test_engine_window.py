@@ -23,7 +23,7 @@ def _max_live_refs(window: int, steps: int, k) -> tuple[int, int]:
         engine.run(progress=False)
     finally:
         engine.shutdown()
-    crossing = sum(len(edges) for edges in engine.layout.outgoing)  # messages that leave an actor per step
+    crossing = sum(len(links) for links in engine.layout.outgoing)  # bundles that leave an actor per step
     return max(samples), crossing
 
 
@@ -31,10 +31,10 @@ def _max_live_refs(window: int, steps: int, k) -> tuple[int, int]:
 def test_window_bounds_live_messages(ray_local, k):
     window = 4
     peak, crossing = _max_live_refs(window, steps=100, k=k)
-    print(f"K={k} window {window}: peak {peak} live refs, {crossing} crossing messages per step")
-    # each step creates one message per crossing edge; the driver holds the newest `window + 1`
-    # steps (the one just submitted plus the window it may run ahead), and each message is one
-    # return ref plus, for small messages, the ray.put object it points to
+    print(f"K={k} window {window}: peak {peak} live refs, {crossing} crossing bundles per step")
+    # each step creates one bundle per pair of neighbouring actors; the driver holds the newest
+    # `window + 1` steps (the one just submitted plus the window it may run ahead), and each bundle
+    # is one return ref plus, for small bundles, the ray.put object it points to
     bound = 2 * (window + 1) * crossing
     assert 0 < peak <= bound, f"{peak} live refs > {bound}"
 

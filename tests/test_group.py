@@ -25,21 +25,33 @@ def test_balanced_groups_are_contiguous_and_larger_first():
 
 def test_chain_messages_stay_in_process_except_at_group_borders():
     layout = GroupLayout.balanced(_plan("relaysgd", tree="chain"), 3)
-    assert layout.outgoing == (((2, 3),), ((3, 2), (5, 6)), ((6, 5),))
-    assert layout.incoming == (((3, 2),), ((2, 3), (6, 5)), ((5, 6),))
+    assert layout.outgoing == (((1, ((2, 3),)),), ((0, ((3, 2),)), (2, ((5, 6),))), ((1, ((6, 5),)),))
+    assert layout.incoming == (((1, ((3, 2),)),), ((0, ((2, 3),)), (2, ((6, 5),))), ((1, ((5, 6),)),))
+
+
+def test_messages_between_two_groups_travel_as_one_bundle():
+    """Double binary trees over 2 groups of 8: 15 tree edges cross each way, in one bundle per direction."""
+    plan = _plan("relaysgd", n=16, tree="double-binary")
+    layout = GroupLayout.balanced(plan, 2)
+    assert [[h for h, _ in links] for links in layout.outgoing] == [[1], [0]]
+    assert len(layout.crossing_edges(0)) == len(layout.crossing_edges(1)) == 15
+    assert layout.incoming[1] == ((0, layout.outgoing[0][0][1]),) and layout.incoming[0] == ((1, layout.outgoing[1][0][1]),)
 
 
 @pytest.mark.parametrize("num_groups", [1, 3, 8])
 def test_crossing_edges_are_each_sent_and_received_once(num_groups):
     plan = _plan("relaysgd", tree="double-binary")
     layout = GroupLayout.balanced(plan, num_groups)
-    sent = [edge for edges in layout.outgoing for edge in edges]
-    received = [edge for edges in layout.incoming for edge in edges]
+    sent = [edge for g in range(num_groups) for edge in layout.crossing_edges(g)]
+    received = [edge for links in layout.incoming for _, edges in links for edge in edges]
     assert sorted(sent) == sorted(received) and len(set(sent)) == len(sent)
     group_of = {rank: g for g, ranks in enumerate(layout.groups) for rank in ranks}
     every_edge = {(i, j) for i in range(8) for j in plan.neighbors[i]}
     assert set(sent) == {(i, j) for i, j in every_edge if group_of[i] != group_of[j]}
     assert sorted(r for ranks in layout.groups for r in ranks) == list(range(8))
+    for g, links in enumerate(layout.outgoing):  # a link's edges all go from g to the group it names
+        for h, edges in links:
+            assert all(group_of[i] == g and group_of[j] == h for i, j in edges)
 
 
 @pytest.mark.parametrize("num_groups", [0, 9])

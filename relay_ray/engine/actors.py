@@ -19,10 +19,11 @@ from relay_ray.group import WorkerGroup
 INLINE_RETURN_BYTES = 100 * 1024
 
 
-def off_driver(value: np.ndarray):
-    """``value`` as a task return that never lands in the driver's memory: itself when Ray stores it
-    in the object store anyway, else the ref of a ``ray.put``."""
-    return value if value.nbytes > INLINE_RETURN_BYTES else ray.put(value)
+def off_driver(value: np.ndarray | list[np.ndarray]):
+    """``value`` (an array or a bundle of arrays) as a task return that never lands in the driver's
+    memory: itself when Ray stores it in the object store anyway, else the ref of a ``ray.put``."""
+    nbytes = value.nbytes if isinstance(value, np.ndarray) else sum(m.nbytes for m in value)
+    return value if nbytes > INLINE_RETURN_BYTES else ray.put(value)
 
 
 def resolved(values) -> list:
@@ -47,11 +48,11 @@ class GroupActor:
     def __init__(self, group_cls: type[WorkerGroup], *group_args):
         self.group = group_cls(*group_args)
 
-    def step(self, has_inbox: bool, *crossing):
-        return _returns([off_driver(m) for m in self.group.step(has_inbox, *resolved(crossing))])
+    def step(self, has_inbox: bool, *bundles):
+        return _returns([off_driver(bundle) for bundle in self.group.step(has_inbox, *resolved(bundles))])
 
-    def receive(self, *crossing) -> None:
-        self.group.receive(*resolved(crossing))
+    def receive(self, *bundles) -> None:
+        self.group.receive(*resolved(bundles))
 
     def evaluate(self) -> list[dict]:
         return self.group.evaluate()

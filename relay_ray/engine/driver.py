@@ -1,9 +1,10 @@
 """The Ray engine's driver: the dataflow loop and the restart controller.
 
 Dataflow (DESIGN §4).  Every step the driver submits, for every group g, one task
-``actor_g.step(has_inbox, *[refs of the messages that cross into g])``: the group finishes the
+``actor_g.step(has_inbox, *[refs of the bundles that cross into g])``: the group finishes the
 previous averaging, takes its workers' local steps, routes messages between its own workers in
-place and returns one message per edge that leaves it.  The driver only moves refs; it reads
+place and returns one bundle per group it sends to (all its messages to that group: one object
+per pair of neighbouring actors and step, however many tree edges cross).  The driver only moves refs; it reads
 nothing but small metric dicts (``_fetch``).  A bounded window of steps may be in flight; older
 steps are awaited (not fetched).  There is no global barrier except at evaluations and checkpoints.
 
@@ -71,7 +72,7 @@ class Engine:
         self.owns_pg, self.pg, self.first_bundle = placement_group is None, placement_group, first_bundle
         self.actors: list = []
         self.restarts = 0
-        self.outboxes: list[list] | None = None  # the refs of the last submitted step's crossing messages
+        self.outboxes: list[list] | None = None  # per group, the refs of the last submitted step's bundles
         self.in_flight: collections.deque[list] = collections.deque()  # refs of the steps not yet awaited
         self.data_ref = ray.put(self.experiment.task_data)  # once; actors read it zero-copy
         started = time.perf_counter()
@@ -142,7 +143,7 @@ class Engine:
 
     # ---------------------------------------------------------------- dataflow
     def _submit_step(self, outboxes: list[list] | None) -> list[list]:
-        """One task per group; returns, per group, the refs of its crossing messages."""
+        """One task per group; returns, per group, the refs of its bundles of crossing messages."""
         inboxes = self.layout.route(outboxes) if outboxes is not None else [[] for _ in self.actors]
         new = []
         for g, (actor, inbox) in enumerate(zip(self.actors, inboxes)):
