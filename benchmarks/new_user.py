@@ -1,8 +1,10 @@
 """What a new user gets with default flags: the README quickstart and a 16-worker x 1000-step run,
 on both backends, through the real CLI (`python -m relay_ray run ...` in a fresh process).
 
-  quickstart     relay-ray run --dataset digits --workers 16 --alpha 0.01 --algorithm relaysgd
-  mlp 16x1000    relay-ray run --dataset digits --workers 16 --model mlp --alpha 0.1 --steps 1000 --eval-every 1000
+  quickstart            relay-ray run --dataset digits --workers 16 --alpha 0.01 --algorithm relaysgd
+  mlp 16x1000           relay-ray run --dataset digits --workers 16 --model mlp --alpha 0.1 --steps 1000
+                        (the one-engine issue's run: evaluates every 10 steps, the digits default)
+  mlp 16x1000, 1 eval   the same with --eval-every 1000: training steps only
 
 Each is run with ``--backend local`` (the in-process simulator) and ``--backend ray`` (the engine
 with its default flags). Reported: the process's total wall time (Python, torch and Ray start-up
@@ -12,7 +14,7 @@ row). With ``--previous DIR`` (a checkout of an earlier commit, e.g. ``git workt
 /tmp/prev e83e170``) the same commands run on that code too, in the same session, side by side.
 Prints a Markdown table and writes the section "## New user" of RESULTS.md.
 
-    .venv/bin/python benchmarks/new_user.py --previous /tmp/prev    # ~6 min on 2 idle cores
+    .venv/bin/python benchmarks/new_user.py --previous /tmp/prev    # ~8 min on 2 idle cores
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from _bench import ROOT, command_line, load_average, machine, write_section  # n
 SECTION = "## New user"
 RUNS = {
     "quickstart": ["--dataset", "digits", "--workers", "16", "--alpha", "0.01", "--algorithm", "relaysgd"],
-    "mlp 16x1000": ["--dataset", "digits", "--workers", "16", "--model", "mlp", "--alpha", "0.1", "--steps", "1000",
-                    "--eval-every", "1000"],
+    "mlp 16x1000": ["--dataset", "digits", "--workers", "16", "--model", "mlp", "--alpha", "0.1", "--steps", "1000"],
+    "mlp 16x1000, 1 eval": ["--dataset", "digits", "--workers", "16", "--model", "mlp", "--alpha", "0.1", "--steps",
+                            "1000", "--eval-every", "1000"],
 }
 
 
