@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -54,19 +55,39 @@ def _tune_metrics(row: dict) -> dict:
     return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _report(engine: Engine, step: int, row: dict | None, checkpoint) -> None:
-    """Report an evaluation to Tune, with the run's checkpoint when one was just written (Tune keeps it
-    and hands it back when the trial is restored).  The last report also marks the trial finished, so a
+# Tune saves its experiment state every STATE_PERIOD_S and keeps the newest KEPT_CHECKPOINTS of a trial.
+# A trial hands Tune a checkpoint at most every 2 x STATE_PERIOD_S (and always its final one), so the
+# checkpoint named in the last saved state is never pruned before the next save: at most one periodic
+# and the final checkpoint can follow it within one period.
+STATE_PERIOD_S = 1.0
+KEPT_CHECKPOINTS = 3
+CHECKPOINT_INTERVAL_S = 2 * STATE_PERIOD_S
+
+
+class _Reporter:
+    """The engine's ``on_progress`` in a trial: report every evaluation to Tune, with the run's checkpoint
+    when one was just written and the last one handed over is old enough (see above; Tune keeps it and
+    hands it back when the trial is restored).  The last report also marks the trial finished, so a
     sweep restored after its driver died never re-runs a finished trial."""
-    if row is None:
-        return  # a checkpoint between evaluations: reported with the next evaluation's
-    final = step == engine.experiment.total_steps
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(checkpoint.directory) if checkpoint is not None else Path(tmp)
-        if final:
-            (directory / FINAL_STATE).write_text(json.dumps({"step": step, "final": row}))
-        keep = checkpoint is not None or final
-        tune.report(_tune_metrics(row), checkpoint=tune.Checkpoint.from_directory(directory) if keep else None)
+
+    def __init__(self):
+        self.last_checkpoint_s = -math.inf
+
+    def __call__(self, engine: Engine, step: int, row: dict | None, checkpoint) -> None:
+        if row is None:
+            return  # a checkpoint between evaluations: reported with the next evaluation's
+        final = step == engine.experiment.total_steps
+        now = time.monotonic()
+        if checkpoint is not None and not final and now - self.last_checkpoint_s < CHECKPOINT_INTERVAL_S:
+            checkpoint = None
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(checkpoint.directory) if checkpoint is not None else Path(tmp)
+            if final:
+                (directory / FINAL_STATE).write_text(json.dumps({"step": step, "final": row}))
+            keep = checkpoint is not None or final
+            if keep:
+                self.last_checkpoint_s = now
+            tune.report(_tune_metrics(row), checkpoint=tune.Checkpoint.from_directory(directory) if keep else None)
 
 
 def train_trial(settings: dict, window: int) -> None:
@@ -90,7 +111,7 @@ def train_trial(settings: dict, window: int) -> None:
             print(f"relay-ray tune: trial restored from its checkpoint at step {resume.step}", file=sys.stderr)
             Path(config.out).mkdir(parents=True, exist_ok=True)
             Path(config.out, "restored.json").write_text(json.dumps({"from_step": resume.step}) + "\n")
-        engine = Engine(config, experiment, EngineOptions(window=window), on_progress=_report,
+        engine = Engine(config, experiment, EngineOptions(window=window), on_progress=_Reporter(),
                         placement_group=ray.util.get_current_placement_group(), first_bundle=1)
         try:
             engine.run(progress=False, resume=resume)
@@ -168,7 +189,7 @@ def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = Non
         raise UserError(f"{out} already holds a sweep; pass --resume to continue it, or choose another --out")
     # Save Tune's experiment state every second (default: at most every ~10 s), so an interrupted sweep
     # knows which trials had finished; a finished trial's final checkpoint covers the last second.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", f"{STATE_PERIOD_S:g}")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # that is on purpose
     storage_path = storage or str(out)
     experiment_path = f"{storage_path.rstrip('/')}/{sweep.name}"
@@ -193,7 +214,7 @@ def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = Non
                                             max_concurrent_trials=sweep.max_concurrent_trials),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, verbose=verbose,
                                           failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_CHECKPOINTS),
                                           # each trial's run files (metrics.jsonl, curves.png) reach the storage
                                           sync_config=tune.SyncConfig(sync_artifacts=True)),
             )
