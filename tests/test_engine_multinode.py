@@ -9,10 +9,7 @@ import ray
 from ray.util.placement_group import placement_group_table
 
 from relay_ray import cli
-from relay_ray.config import EngineOptions
-from relay_ray.engine import Engine
 from relay_ray.errors import UserError
-from relay_ray.experiment import build_experiment
 from tests.test_engine import _assert_same_rows, _config, _engine, _local_rows, _ray_rows
 
 pytestmark = pytest.mark.ray
