@@ -20,8 +20,7 @@ b = floor, c = gloo; the targets are a/b <= 1.5 at 11 M floats and a/c <= 1.0 at
 Prints a Markdown table (ms/step, ratios to the floor and to gloo), writes comm.png and the
 section "## Communication" of RESULTS.md.
 
-    .venv/bin/python benchmarks/comm.py          # budget 10 min; not yet timed with this engine (3 Ray
-                                                 # variants; the previous engine's 4 took 9 min 37 s on 2 idle cores)
+    .venv/bin/python benchmarks/comm.py          # budget 10 min: 10 min 27 s under load 3-14 (2 cores)
     .venv/bin/python benchmarks/comm.py --trees chain --repeats 2   # about a third of that
 """
 

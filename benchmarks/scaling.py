@@ -18,8 +18,7 @@ default (no --workers-per-actor: one actor per CPU core, 2 actors here); ``K=1``
 worker, only up to ``--max-unpacked`` workers (each actor is a process that imports torch, ~150 MB);
 and ``K=16`` for n > 16.  The in-process simulator's step time is shown for reference.
 
-    .venv/bin/python benchmarks/scaling.py       # budget 10 min; not yet timed with this engine
-                                                 # (previous engine: 4 min 49 s on 2 idle cores, 21 min under load 7-76)
+    .venv/bin/python benchmarks/scaling.py       # budget 10 min: 5 min 2 s under load 7-25 (2 cores)
     .venv/bin/python benchmarks/scaling.py --workers 4 16 64 256 --repeats 2   # about a third
     .venv/bin/python benchmarks/scaling.py --workers 4 32 --steps 5 --repeats 1 --no-results   # a smoke run
 """

@@ -17,8 +17,7 @@ this process / 16; the driver reads the actors' /proc/<pid>/status, the pids lef
 ``group_cls`` below) and the peak bytes in Ray's object store (sampled every 0.5 s).  Prints a
 Markdown table, writes throughput.png and the section "## Throughput" of RESULTS.md.
 
-    .venv/bin/python benchmarks/throughput.py    # budget 10 min; not yet timed with this engine
-                                                 # (previous engine: 2 min 21 s on 2 idle cores, 8 min under load 6-33)
+    .venv/bin/python benchmarks/throughput.py    # budget 10 min: 1 min 45 s under load 7-16 (2 cores)
     .venv/bin/python benchmarks/throughput.py --steps 5 --repeats 1 --no-results   # a smoke run
 """
 

@@ -60,11 +60,12 @@ class GroupLayout:
             for j in plan.neighbors[i]:
                 if group_of[i] != group_of[j]:
                     crossing.setdefault((group_of[i], group_of[j]), []).append((i, j))
-        outgoing = tuple(tuple((h, tuple(edges)) for (f, h), edges in sorted(crossing.items()) if f == g)
-                         for g in range(num_groups))
-        incoming = tuple(tuple((f, tuple(edges)) for (f, h), edges in sorted(crossing.items()) if h == g)
-                         for g in range(num_groups))
-        return GroupLayout(groups, incoming, outgoing)
+        outgoing: list[list[Link]] = [[] for _ in groups]
+        incoming: list[list[Link]] = [[] for _ in groups]
+        for (f, h), edges in sorted(crossing.items()):
+            outgoing[f].append((h, tuple(edges)))
+            incoming[h].append((f, tuple(edges)))
+        return GroupLayout(groups, tuple(map(tuple, incoming)), tuple(map(tuple, outgoing)))
 
     @property
     def workers_per_group(self) -> int:

@@ -147,12 +147,17 @@ def test_driver_only_fetches_small_metric_dicts(ray_local, monkeypatch, k, tmp_p
             assert len(pickle.dumps(item)) < num_params * 4 / 10, f"driver fetched a large object: {type(item)}"
 
 
-def _kill_at(step: int, group: int):
-    """An ``on_step`` hook that kills actor ``group`` when step ``step`` has been submitted."""
+def _at_step(step: int, action):
+    """An ``on_step`` hook that calls ``action(engine)`` once step ``step`` has been submitted."""
     def on_step(engine, submitted):
         if submitted == step:
-            ray.kill(engine.actors[group])
+            action(engine)
     return on_step
+
+
+def _kill_at(step: int, group: int):
+    """An ``on_step`` hook that kills actor ``group`` when step ``step`` has been submitted."""
+    return _at_step(step, lambda engine: ray.kill(engine.actors[group]))
 
 
 @pytest.mark.parametrize("k", ["K=1", "K=n"])

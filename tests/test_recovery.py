@@ -20,6 +20,7 @@ from relay_ray.engine import Engine, WorkerFailure
 from relay_ray.experiment import build_experiment
 from relay_ray.group import WorkerGroup
 from relay_ray.simulate import simulate
+from tests.test_engine import _at_step, _kill_at
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -68,14 +69,6 @@ def reference(tmp_path_factory):
 
 class _Interrupt(BaseException):
     """Stands in for the driver dying (a real SIGKILL of a driver process: the test below)."""
-
-
-def _at_step(step: int, action):
-    """An ``on_step`` hook that calls ``action(engine)`` once step ``step`` has been submitted."""
-    def on_step(engine, submitted):
-        if submitted == step:
-            action(engine)
-    return on_step
 
 
 def _raise_interrupt(engine):
@@ -207,7 +200,7 @@ def test_gives_up_after_max_restarts(ray_local, tmp_path):
     config = _config("relaysgd", tmp_path, checkpoint_every=None, steps=40)
     # the first step of every attempt: this worker never survives
     engine = Engine(config, build_experiment(config), EngineOptions(max_restarts=1),
-                    on_step=_at_step(1, lambda engine: ray.kill(engine.actors[1])))
+                    on_step=_kill_at(1, 1))
     try:
         with pytest.raises(WorkerFailure, match=r"worker 1 died .*gave up after 1 restart\(s\) \(--max-restarts 1\)"):
             engine.run(progress=False)
