@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from relay_ray import runner
@@ -117,7 +118,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = resolved.config
     summary = runner.run(config, engine_options(args), address=args.address, progress=not args.quiet,
                          experiment=resolved.experiment, resume=resolved.checkpoint)
-    print(json.dumps(summary["final"], indent=2))
+    final = {k: v for k, v in summary["final"].items() if k != "metric_per_worker"}
+    if config.final_evals > 1:
+        final["final_evals"] = summary["final_evals"]
+    print(json.dumps(final, indent=2))
     if config.out:
         print(f"wrote {config.out}/config.yaml, metrics.jsonl, summary.json, curves.png", file=sys.stderr)
     return 0
@@ -150,20 +154,22 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from relay_ray.data import dirichlet_partition, label_histograms, load_dataset, plot_partition
+    from relay_ray.data import dirichlet_partition, label_histograms, load_dataset, paper_partition, plot_partition
 
     if args.dataset == "quadratics":
         raise UserError("the quadratics task has no labels to partition; use --heterogeneity instead")
     config = RunConfig(dataset=args.dataset, data_dir=args.data_dir, num_workers=args.num_workers, alpha=args.alpha,
-                       seed=args.seed, backend="local")
+                       seed=args.seed, partition=args.partition, backend="local")
     dataset = load_dataset(config.dataset, config.data_dir)
-    shards = dirichlet_partition(dataset.y_train, config.num_workers, config.alpha, config.seed)
+    split = paper_partition if config.partition == "paper" else dirichlet_partition
+    shards = split(dataset.y_train, config.num_workers, config.alpha, config.seed)
     hist = label_histograms(dataset.y_train, shards, dataset.num_classes)
     print("worker  size  classes  " + " ".join(f"{c:>5d}" for c in range(dataset.num_classes)))
     for rank, row in enumerate(hist):
         print(f"{rank:>6d} {row.sum():>5d} {int((row > 0).sum()):>8d}  " + " ".join(f"{v:>5d}" for v in row))
     if args.plot:
-        plot_partition(hist, args.plot, title=f"{args.dataset}, {config.num_workers} workers, alpha={args.alpha}")
+        plot_partition(hist, args.plot, title=f"{args.dataset}, {config.num_workers} workers, alpha={args.alpha}, "
+                                             f"--partition {config.partition}")
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -254,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     part = sub.add_parser("partition", help="per-worker label histograms of a Dirichlet split",
                           description="Show how the Dirichlet(alpha) split gives each worker its classes.")
-    add_settings(part, RunConfig, only=("dataset", "data_dir", "num_workers", "alpha", "seed"))
+    add_settings(part, RunConfig, only=("dataset", "data_dir", "num_workers", "partition", "alpha", "seed"))
     part.add_argument("--plot", default=None, metavar="FILE.png", help="stacked-bar plot of the histograms")
     part.set_defaults(func=cmd_partition)
     return parser
@@ -277,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `relay-ray partition | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -11,13 +11,21 @@ from pathlib import Path
 
 import yaml
 
-from relay_ray.algorithms import ALGORITHMS, TREE_ALGORITHMS
+from relay_ray.algorithms import ALGORITHMS, FILL_RULES, TREE_ALGORITHMS
 from relay_ray.errors import UserError
 from relay_ray.names import DATASETS, MODELS
 from relay_ray.topology import GRAPHS, TREES
 
 TASKS = DATASETS + ("quadratics",)
 BACKENDS = ("ray", "local")
+PARTITIONS = ("dirichlet", "paper")
+RELAY_FILLS = ("auto",) + FILL_RULES
+# RelaySGD's fill rule under --drop-prob > 0 with --relay-fill auto: the better of `current` and
+# `last` in benchmarks/drops.py (3 seeds, digits and CIFAR-10, alpha 0.01); see benchmarks/RESULTS.md.
+DROP_FILL = "last"
+# --final-evals k > 1 adds evaluations this fraction of the run apart before the end (the paper
+# averages epochs 196 and 200 of 200: 2 %).
+FINAL_EVALS_SPACING = 0.02
 DEVICES = ("cpu", "cuda")
 ENGINE_RECORD = "engine"  # the key of config.yaml that records how the run executed
 
@@ -89,6 +97,9 @@ class RunConfig:
                                       flag="--workers")
     dataset: str = setting("digits", f"{', '.join(TASKS)} (default: digits, offline)", metavar="D")
     data_dir: str | None = setting(None, DATA_HELP, metavar="DIR", resumable=True)
+    partition: str = setting("dirichlet", "how labels are split: dirichlet = per class Dir(alpha) over all workers; "
+                             "paper = the authors' split (groups of 10 workers, redrawn until each worker has half "
+                             "its share, cut into equal shards, seed + 100) (default: dirichlet)", choices=PARTITIONS)
     alpha: float = setting(1.0, "Dirichlet non-iid-ness of the split: small = each worker sees few classes; "
                            "inf = iid (default: 1.0)", parse=parse_alpha)
     heterogeneity: float = setting(10.0, "quadratics only: zeta^2 = mean_i ||grad f_i(x*)||^2 (default: 10)",
@@ -101,7 +112,10 @@ class RunConfig:
     lr_correction: str = setting("auto", "RelaySGD's lr multiplier: auto = computed from the tree (5.4 for a "
                                  "16-chain), none, or a number (default: auto)", metavar="{auto,none,FLOAT}",
                                  kind="str|float")
-    warmup_steps: int = setting(0, "linear lr warm-up steps (default: 0)")
+    warmup_steps: int = setting(0, "linear lr warm-up from 0 over the first N steps (default: 0)", metavar="N",
+                                exclusive="warmup")
+    warmup_epochs: float = setting(0.0, "linear lr warm-up from 0 over the first E epochs (the paper: 5 of 200) "
+                                   "(default: 0)", metavar="E", exclusive="warmup")
     decay_at: list[float] = setting(list, "fractions of the run where the lr is multiplied by 0.1 (e.g. 0.75 0.9)",
                                     metavar="FRAC")
     momentum: float | None = setting(None, "local Nesterov momentum (default per dataset)")
@@ -109,12 +123,20 @@ class RunConfig:
     batch_size: int | None = setting(None, "batch size per worker (default: 32)")
     eval_every: int | None = setting(None, "evaluate every K steps (default per dataset)")
     eval_samples: int | None = setting(None, "test samples per evaluation (default: the whole test set)")
+    final_evals: int = setting(1, "the final metrics average each worker's accuracy over the last K evaluations, "
+                               "then take the worst/mean worker (the paper: 2, epochs 196 and 200); K > 1 adds "
+                               "evaluations 1/50 of the run apart before the end (default: 1)", metavar="K")
     seed: int = setting(0, "random seed: data split, init, batches (default: 0)")
     device: str = setting("cpu", f"where each worker's model computes: {', '.join(DEVICES)}; cuda on Ray gives "
                           "each actor a GPU unless --gpus-per-actor says otherwise (default: cpu)", choices=DEVICES)
     drop_prob: float = setting(0.0, "unreliable links: each received message is lost with probability P, seeded per "
                                "step and edge; RelaySGD fills the gap with x0, gossip renormalises (default: 0)",
                                metavar="P")
+    relay_fill: str = setting("auto", "RelaySGD: what stands in for the models a worker has not received (DESIGN "
+                              "§1): x0 = the initial model (Algorithm 1); current = the receiver's current model "
+                              "(the authors' robustness rule); last = the last message received on that edge. "
+                              f"auto = x0 on reliable links, {DROP_FILL} with --drop-prob > 0 (measured best in "
+                              "benchmarks/drops.py) (default: auto)", choices=RELAY_FILLS)
     backend: str = setting("ray", f"{' or '.join(BACKENDS)}: Ray actors, or all workers in this process "
                            "(default: ray)", metavar="B", resumable=True)
     # outputs: where the run writes and how often it checkpoints (a resume may change them)
@@ -165,6 +187,12 @@ class RunConfig:
         _positive("checkpoint-every", self.checkpoint_every)
         if not 0 <= self.drop_prob < 1:
             raise UserError(f"--drop-prob must be in [0, 1), got {self.drop_prob}")
+        _choice("relay-fill", self.relay_fill, RELAY_FILLS)
+        if self.relay_fill != "auto" and self.algorithm != "relaysgd":
+            raise UserError(f"--relay-fill is RelaySGD's fill rule; {self.algorithm} has none (drop --relay-fill)")
+        _choice("partition", self.partition, PARTITIONS)
+        if self.final_evals < 1:
+            raise UserError(f"--final-evals must be >= 1, got {self.final_evals}")
         if self.keep < 1:
             raise UserError(f"--keep must be at least 1, got {self.keep}")
         _choice("device", self.device, DEVICES)
@@ -174,6 +202,10 @@ class RunConfig:
             raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not self.warmup_epochs >= 0:
+            raise UserError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_steps and self.warmup_epochs:
+            raise UserError("give either --warmup-steps or --warmup-epochs, not both")
         if any(not 0 < f < 1 for f in self.decay_at):
             raise UserError(f"--decay-at takes fractions of the run in (0, 1), got {self.decay_at}")
         if self.lr_correction not in ("auto", "none"):
@@ -220,9 +252,26 @@ class RunConfig:
             return 1.0
         return auto_value if self.lr_correction == "auto" else float(self.lr_correction)
 
+    @property
+    def fill_rule(self) -> str | None:
+        """RelaySGD's fill rule with ``auto`` resolved; None for other algorithms."""
+        if self.algorithm != "relaysgd":
+            return None
+        if self.relay_fill != "auto":
+            return self.relay_fill
+        return DROP_FILL if self.drop_prob > 0 else "x0"
+
     def evaluates_at(self, step: int, total_steps: int) -> bool:
-        """Evaluate after ``step`` steps (every eval_every steps, and at the end)."""
-        return step % self.eval_every == 0 or step == total_steps
+        """Evaluate after ``step`` steps: every eval_every steps, at the end, and (--final-evals k) at
+        the k - 1 points before the end that the final metrics average over."""
+        if step % self.eval_every == 0 or step == total_steps:
+            return True
+        return step in self.final_eval_steps(total_steps)
+
+    def final_eval_steps(self, total_steps: int) -> tuple[int, ...]:
+        """The k - 1 extra evaluation steps of --final-evals k (empty for k = 1)."""
+        gap = max(1, round(FINAL_EVALS_SPACING * total_steps))
+        return tuple(s for s in (total_steps - i * gap for i in range(1, self.final_evals)) if s > 0)
 
     def checkpoints_at(self, step: int) -> bool:
         return self.checkpoint_every is not None and step % self.checkpoint_every == 0

@@ -468,6 +468,68 @@ def dirichlet_partition(labels: np.ndarray, num_workers: int, alpha: float, seed
     return [np.sort(np.concatenate(parts)).astype(np.int64) for parts in assigned]
 
 
+PAPER_GROUP_SIZE = 10
+PAPER_SEED_OFFSET = 100
+_PAPER_MAX_DRAWS = 10_000
+
+
+def paper_partition(labels: np.ndarray, num_workers: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """The split of the RelaySGD authors' code (DESIGN §3), for reproducing their tables.
+
+    Shuffle the samples; workers are taken ten at a time and each group gets a contiguous slice
+    of the shuffled data in proportion to its size (the last group takes the rest).  Within a
+    group, each class is cut over the group's workers with proportions ~ Dir(alpha), where a worker
+    already holding its share of the group gets weight 0; the whole group is redrawn until every
+    worker holds at least half its share.  The groups' lists are concatenated and cut into
+    ``num_workers`` equal shards (sizes differ by at most one).  ``seed``: the run seed (the
+    authors draw with seed + 100).  ``alpha = inf`` is the iid split of ``dirichlet_partition``.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not alpha > 0:
+        raise UserError(f"Dirichlet alpha must be > 0 (use inf for iid), got {alpha}")
+    if num_workers < 2:
+        raise UserError(f"need at least 2 workers to partition data, got {num_workers}")
+    if num_workers > n:
+        raise UserError(f"cannot split {n} samples over {num_workers} workers (need at least one each)")
+    if math.isinf(alpha):
+        return dirichlet_partition(labels, num_workers, alpha, seed + PAPER_SEED_OFFSET)
+    rng = np.random.default_rng(seed + PAPER_SEED_OFFSET)
+    order = rng.permutation(n)
+    group_sizes = [min(PAPER_GROUP_SIZE, num_workers - start) for start in range(0, num_workers, PAPER_GROUP_SIZE)]
+    lists: list[np.ndarray] = []
+    begin = 0
+    for g, size in enumerate(group_sizes):
+        end = n if g == len(group_sizes) - 1 else begin + int(size / num_workers * n)
+        lists += _paper_group(order[begin:end], labels, size, alpha, rng)
+        begin = end
+    return [np.sort(shard).astype(np.int64) for shard in np.array_split(np.concatenate(lists), num_workers)]
+
+
+def _paper_group(indices: np.ndarray, labels: np.ndarray, num_workers: int, alpha: float,
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    share = len(indices) / num_workers
+    group_labels = labels[indices]
+    for _ in range(_PAPER_MAX_DRAWS):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_workers)]
+        sizes = np.zeros(num_workers, dtype=np.int64)
+        for cls in np.unique(group_labels):
+            members = indices[group_labels == cls]
+            weights = rng.dirichlet(np.full(num_workers, alpha)) * (sizes < share)
+            if not weights.sum() > 0:  # every open worker drew an underflowing 0: this draw fails
+                break
+            cuts = (np.cumsum(weights / weights.sum()) * len(members)).astype(np.int64)[:-1]
+            for worker, piece in enumerate(np.split(members, cuts)):
+                parts[worker].append(piece)
+                sizes[worker] += len(piece)
+        else:
+            if sizes.min() >= int(0.5 * share):
+                return [np.concatenate(p) if p else np.empty(0, dtype=np.int64) for p in parts]
+    raise UserError(f"--partition paper: no split of {len(indices)} samples over {num_workers} workers gives "
+                    f"each at least half its share after {_PAPER_MAX_DRAWS} draws (alpha {alpha}); use "
+                    "--partition dirichlet")
+
+
 def _dirichlet(rng: np.random.Generator, alpha: float, k: int) -> np.ndarray:
     """Dir(alpha * 1_k), renormalised in float64 so ``multinomial`` never sees a sum above 1."""
     p = rng.dirichlet(np.full(k, alpha)) if k > 1 else np.ones(1)

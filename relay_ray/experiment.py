@@ -14,7 +14,7 @@ import numpy as np
 
 from relay_ray.algorithms import CommPlan, build_plan
 from relay_ray.config import RunConfig
-from relay_ray.data import ArrayDataset, dirichlet_partition, load_dataset
+from relay_ray.data import ArrayDataset, dirichlet_partition, load_dataset, paper_partition
 from relay_ray.quadratics import QuadraticsTask, make_quadratics
 from relay_ray.topology import TopologyStats, make_graph, spanning_trees, topology_stats
 
@@ -29,6 +29,7 @@ class WorkerSpec:
     shard: np.ndarray | None
     lr_scale: float
     total_steps: int
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -42,10 +43,11 @@ class Experiment:
     task_data: ArrayDataset | QuadraticsTask
     shards: list[np.ndarray] | None
     total_steps: int
+    warmup_steps: int = 0  # --warmup-steps, or --warmup-epochs in steps
 
     def worker_spec(self, rank: int) -> WorkerSpec:
         shard = self.shards[rank] if self.shards is not None else None
-        return WorkerSpec(self.config, rank, self.plan, shard, self.lr_scale, self.total_steps)
+        return WorkerSpec(self.config, rank, self.plan, shard, self.lr_scale, self.total_steps, self.warmup_steps)
 
 
 def build_topology(config: RunConfig) -> tuple[nx.Graph, list[nx.Graph]]:
@@ -77,7 +79,9 @@ def build_experiment(config: RunConfig, task_data: ArrayDataset | QuadraticsTask
         steps_per_epoch = 1
     else:
         task_data = task_data or load_dataset(config.dataset, config.data_dir)
-        shards = dirichlet_partition(task_data.y_train, n, config.alpha, config.seed)
+        split = paper_partition if config.partition == "paper" else dirichlet_partition
+        shards = split(task_data.y_train, n, config.alpha, config.seed)
         steps_per_epoch = max(1, math.ceil(min(len(s) for s in shards) / config.batch_size))
     total_steps = config.steps if config.steps is not None else max(1, round(config.epochs * steps_per_epoch))
-    return Experiment(config, graph, trees, plan, stats, lr_scale, task_data, shards, total_steps)
+    warmup_steps = config.warmup_steps or round(config.warmup_epochs * steps_per_epoch)
+    return Experiment(config, graph, trees, plan, stats, lr_scale, task_data, shards, total_steps, warmup_steps)

@@ -45,7 +45,22 @@ def eval_row(step: int, per_worker: list[dict], avg_model_metric: float, consens
         row.update(suboptimality=float(avg_model_metric), suboptimality_mean=float(np.mean(values)),
                    suboptimality_worst=float(np.max(values)))
     row["samples_per_s"] = row["samples"] / wall_s if wall_s > 0 else None
+    # by rank, for the final metrics averaged over the last evaluations (--final-evals)
+    row["metric_per_worker"] = [float(w["metric"]) for w in sorted(per_worker, key=lambda w: w["rank"])]
     return row
+
+
+def final_evals_metrics(rows: list[dict], k: int, metric: str) -> dict:
+    """The paper's metric: each worker's metric averaged over the last ``k`` evaluations, then the
+    worst and the mean worker (for accuracy worst = lowest, for suboptimality worst = highest)."""
+    last = [r for r in rows if r.get("metric_per_worker")][-k:]
+    if not last:
+        return {}
+    per_worker = np.mean(np.asarray([r["metric_per_worker"] for r in last], dtype=np.float64), axis=0)
+    worst = float(per_worker.min() if metric == "test_acc" else per_worker.max())
+    prefix = "test_acc" if metric == "test_acc" else "suboptimality"
+    return {"k": len(last), "steps": [r["step"] for r in last], f"{prefix}_worst": worst,
+            f"{prefix}_mean": float(per_worker.mean())}
 
 
 def format_row(row: dict, total_steps: int) -> str:
@@ -212,6 +227,7 @@ def summarize(experiment, rows: list[dict], wall_s: float, backend: str, **extra
     """summary.json: the final evaluation, the run's shape and the topology statistics."""
     config = experiment.config
     final = rows[-1] if rows else {}
+    metric = "test_acc" if final.get("test_acc_mean") is not None else "suboptimality"
     return {
         "algorithm": config.algorithm,
         "dataset": config.dataset,
@@ -223,6 +239,7 @@ def summarize(experiment, rows: list[dict], wall_s: float, backend: str, **extra
         "topology": {k: v for k, v in experiment.stats.to_dict().items() if k not in ("tree_edges", "graph_edges")},
         "wall_s": wall_s,
         "final": final,
+        "final_evals": final_evals_metrics(rows, config.final_evals, metric),
         "nan_detected": any(isinstance(v, float) and math.isnan(v) for v in final.values()),
         **extra,
     }

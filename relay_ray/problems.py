@@ -66,6 +66,9 @@ class ClassificationProblem:
             p.data = self.flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
         self.generator = torch.Generator().manual_seed(seed * 100_003 + rank)
+        # dropout draws from torch's global RNG, which the workers of one process share: reseed it
+        # from this worker's own stream before each forward, so masks do not depend on call order
+        self.stochastic = any(isinstance(m, torch.nn.Dropout) for m in self.model.modules())
         self.order = np.empty(0, dtype=np.int64)
         self.position = 0
         test_size = len(dataset.y_test)
@@ -98,6 +101,8 @@ class ClassificationProblem:
         x = self._inputs(self.dataset.x_train[batch], train=True)
         y = torch.from_numpy(self.dataset.y_train[batch]).to(self.device)
         self.model.train()
+        if self.stochastic:
+            torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=self.generator)))
         loss = F.cross_entropy(self.model(x), y)
         grads = torch.autograd.grad(loss, list(self.model.parameters()))
         return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads]).cpu().numpy()

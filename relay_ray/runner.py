@@ -58,6 +58,8 @@ def from_resume(run_dir: str, changed: dict) -> ResolvedRun:
 def run(config: RunConfig, options: EngineOptions | None = None, address: str | None = None, progress: bool = True,
         experiment=None, resume=None) -> dict:
     """Run one configuration on its backend; returns the summary.  ``resume``: a ``Checkpoint``."""
+    if config.fill_rule is not None and config.drop_prob > 0:
+        print(f"relay-ray: {fill_note(config)}", file=sys.stderr)
     if config.backend == "local":
         from relay_ray.simulate import simulate
 
@@ -65,3 +67,16 @@ def run(config: RunConfig, options: EngineOptions | None = None, address: str | 
     from relay_ray.engine import run_on_ray
 
     return run_on_ray(config, options, address=address, progress=progress, experiment=experiment, resume=resume)
+
+
+FILL_MEANING = {"x0": "the initial model x0", "current": "the receiver's current model",
+                "last": "the last message received on that edge"}
+
+
+def fill_note(config: RunConfig) -> str:
+    """One line: what RelaySGD does with a lost message, and why (the run's first line with drops)."""
+    rule = config.fill_rule
+    why = ("--relay-fill auto: the better of current and last in benchmarks/drops.py"
+           if config.relay_fill == "auto" else f"--relay-fill {rule}")
+    return (f"--drop-prob {config.drop_prob:g}: RelaySGD fills what a lost message carried with "
+            f"{FILL_MEANING[rule]} ({why})")

@@ -49,7 +49,7 @@ class Worker:
         self.rank = spec.rank
         self.problem = make_problem(spec, task_data)
         self.algorithm = make_algorithm(self.config.algorithm, spec.rank, spec.plan, self.problem.initial_params(),
-                                        self.config.momentum, self.config.weight_decay)
+                                        self.config.momentum, self.config.weight_decay, self.config.fill_rule)
         self.step_count = 0
         self.bytes_sent = 0
         self.samples_seen = 0
@@ -78,7 +78,7 @@ class Worker:
             self.algorithm.incoming(self._unreliable(inbox))
         config = self.config
         lr = self.spec.lr_scale * learning_rate(self.step_count, config.lr, self.spec.total_steps,
-                                                config.warmup_steps, tuple(config.decay_at))
+                                                self.spec.warmup_steps, tuple(config.decay_at))
         loss, grad = self.problem.loss_and_grad(self.algorithm.params)
         self.algorithm.local_step(grad, lr)
         messages = self.algorithm.outgoing()

@@ -7,7 +7,7 @@ import numpy as np
 
 from relay_ray.algorithms.base import Algorithm, CommPlan
 from relay_ray.algorithms.gossip import D2, DSGD, AllReduce, DSGDQuasiGlobalMomentum, GradientTracking
-from relay_ray.algorithms.relaysum import RelaySGD, RelaySumChannel, RelaySumGrad
+from relay_ray.algorithms.relaysum import FILL_RULES, RelaySGD, RelaySumChannel, RelaySumGrad
 from relay_ray.errors import UserError
 from relay_ray.optim import NesterovSGD
 from relay_ray.topology import metropolis_hastings_weights
@@ -37,10 +37,13 @@ def build_plan(name: str, graph: nx.Graph, trees: list[nx.Graph]) -> CommPlan:
 
 
 def make_algorithm(name: str, rank: int, plan: CommPlan, x0: np.ndarray, momentum: float,
-                   weight_decay: float) -> Algorithm:
+                   weight_decay: float, relay_fill: str | None = None) -> Algorithm:
+    """``relay_fill``: RelaySGD's fill rule (``FILL_RULES``; None = x0); other algorithms take none."""
     optimizer = NesterovSGD(x0.size, momentum=momentum, weight_decay=weight_decay)
+    if relay_fill is not None:
+        return algorithm_class(name)(rank, plan, x0, optimizer, fill=relay_fill)
     return algorithm_class(name)(rank, plan, x0, optimizer)
 
 
-__all__ = ["ALGORITHMS", "TREE_ALGORITHMS", "Algorithm", "CommPlan", "RelaySumChannel", "algorithm_class",
+__all__ = ["ALGORITHMS", "FILL_RULES", "TREE_ALGORITHMS", "Algorithm", "CommPlan", "RelaySumChannel", "algorithm_class",
            "build_plan", "make_algorithm"]

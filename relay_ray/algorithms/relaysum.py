@@ -14,7 +14,8 @@ class RelaySumChannel:
 
     m_{i->j}^t = payload_i^t + sum_{k in N(i)\\{j}} m_{k->i}^{t-1}
     c_{i->j}^t = 1           + sum_{k in N(i)\\{j}} c_{k->i}^{t-1}
-    A lost message counts as m = 0, c = 0, so it is neither used nor forwarded.
+    A lost message counts as m = 0, c = 0, so it is neither used nor forwarded; with
+    ``reuse_lost`` the last message received on that edge stands in for it instead.
     """
 
     def __init__(self, rank: int, neighbors: list[int] | tuple[int, ...]):
@@ -34,9 +35,11 @@ class RelaySumChannel:
             out[j] = (relay_sum, relay_count)
         return out
 
-    def incoming(self, payload: np.ndarray, inbox: dict[int, tuple[np.ndarray, int] | None]) -> tuple[np.ndarray, int]:
+    def incoming(self, payload: np.ndarray, inbox: dict[int, tuple[np.ndarray, int] | None],
+                 reuse_lost: bool = False) -> tuple[np.ndarray, int]:
         """Store this step's messages (to relay next step); return (sum of payloads seen, count)."""
-        self.received = {j: (inbox[j] if inbox[j] is not None else (0.0, 0)) for j in self.neighbors}
+        lost = self.received if reuse_lost else {j: (0.0, 0) for j in self.neighbors}
+        self.received = {j: (inbox[j] if inbox[j] is not None else lost[j]) for j in self.neighbors}
         total = payload.copy()
         count = 1
         for relay_sum, relay_count in self.received.values():
@@ -100,11 +103,11 @@ class _RelayAlgorithm(Algorithm):
                 offset += size + 1
         return per_tree
 
-    def _relay(self, inbox: list[np.ndarray | None]) -> list[tuple[slice, np.ndarray, int]]:
+    def _relay(self, inbox: list[np.ndarray | None], reuse_lost: bool = False) -> list[tuple[slice, np.ndarray, int]]:
         payload = self._payload()
         results = []
         for t, (ch, tree_inbox) in enumerate(zip(self.channels, self._unpack(inbox))):
-            total, count = ch.incoming(payload[self._slice(t)], tree_inbox)
+            total, count = ch.incoming(payload[self._slice(t)], tree_inbox, reuse_lost)
             results.append((self._slice(t), total, count))
         return results
 
@@ -119,10 +122,25 @@ class _RelayAlgorithm(Algorithm):
             ch.load_state_dict(ch_state)
 
 
+FILL_RULES = ("x0", "current", "last")
+
+
 class RelaySGD(_RelayAlgorithm):
-    """RelaySGD ("relaysum-model"): relay models; fill workers not yet heard from with x0."""
+    """RelaySGD ("relaysum-model"): relay models; the models not heard from are filled in (DESIGN §1).
+
+    ``fill``: ``x0`` (Algorithm 1: the initial model), ``current`` (the receiver's own x_i^t, its
+    latest averaged model, per tree slice: the authors' robustness rule) or ``last`` (a lost message
+    is replaced by the last one received on that edge, which is relayed on as if it had arrived;
+    the rest is filled with x0).  On reliable links they differ only in the first diam(T) steps.
+    """
 
     name = "relaysgd"
+
+    def __init__(self, rank: int, plan: CommPlan, x0: np.ndarray, optimizer: NesterovSGD, fill: str = "x0"):
+        super().__init__(rank, plan, x0, optimizer)
+        if fill not in FILL_RULES:
+            raise ValueError(f"unknown fill rule {fill!r}; choose one of {', '.join(FILL_RULES)}")
+        self.fill = fill
 
     def _payload(self) -> np.ndarray:
         return self.half
@@ -130,9 +148,10 @@ class RelaySGD(_RelayAlgorithm):
     def incoming(self, inbox: list[np.ndarray | None]) -> None:
         params = np.empty_like(self.params)
         n = self.num_workers
-        for coords, total, count in self._relay(inbox):
-            # Alg. 1 step 4: workers whose model has not arrived yet count as x0
-            params[coords] = (total + (n - count) * self.x0[coords]) / n
+        fill_model = self.params if self.fill == "current" else self.x0
+        for coords, total, count in self._relay(inbox, reuse_lost=self.fill == "last"):
+            # Alg. 1 step 4: the n - count models not received are counted as the fill model
+            params[coords] = (total + (n - count) * fill_model[coords]) / n
         self.params = params
 
 
