@@ -255,3 +255,30 @@ def parse_sweep(data, path: str | Path = "sweep.yaml") -> Sweep:
                   description=str(data.get("description") or ""))
     _check_runs(path, sweep)
     return sweep
+
+
+def grid_edge(value: float, grid: list[float]) -> str:
+    """Which edge of the grid ``value`` sits on ("lower"/"upper"), or "" inside it: a tuned value on
+    the edge may be cut off by the grid, so extend the grid that way."""
+    if len(grid) < 2:
+        return ""
+    if value <= min(grid):
+        return "lower"
+    return "upper" if value >= max(grid) else ""
+
+
+def edge_notes(best: list[dict], sweep: "Sweep", group_keys: tuple[str, ...]) -> list[str]:
+    """One line per best trial (a row per group) whose grid-searched numeric setting (the lr) lies
+    on its grid's edge."""
+    notes = []
+    for key, spec in sweep.search.items():
+        grid = spec.get("grid_search") if isinstance(spec, dict) else None
+        if not grid or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in grid):
+            continue
+        for row in best:
+            edge = grid_edge(row[key], grid) if key in row else ""
+            if edge:
+                where = ", ".join(f"{k} {row[k]}" for k in group_keys if k in row)
+                notes.append(f"{where}: best {key} {row[key]:g} is the grid's {edge} edge; extend the grid "
+                             f"{'below' if edge == 'lower' else 'above'} it")
+    return notes

@@ -29,7 +29,7 @@ from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.engine import Engine, connect
 from relay_ray.errors import UserError
 from relay_ray.experiment import build_experiment
-from relay_ray.sweep import VARIANT, Sweep, load_sweep, parse_sweep, run_settings
+from relay_ray.sweep import VARIANT, Sweep, edge_notes, load_sweep, parse_sweep, run_settings
 
 CONFIG_PREFIX = "config/"
 GROUP_KEYS = ("algorithm", "topology", "alpha")
@@ -305,6 +305,9 @@ def markdown_table(best: pd.DataFrame, sweep: Sweep) -> str:
             else:
                 cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
+    notes = edge_notes(best.to_dict("records"), sweep, GROUP_KEYS)
+    if notes:
+        lines += ["", "At the edge of the grid (the best may lie outside it):", *(f"- {n}" for n in notes)]
     return "\n".join(lines)
 
 

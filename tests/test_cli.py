@@ -7,7 +7,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 from relay_ray import cli
 from relay_ray.config import RunConfig
@@ -82,6 +84,13 @@ BAD_INPUTS = [
     (["--workers-per-actor", "two"], "--workers-per-actor must be auto or an integer, got 'two'"),
     (["--workers-per-actor", "0"], "--workers-per-actor must be >= 1, got 0"),
     (["--eval-every", "0"], "--eval-every must be > 0, got 0"),
+    # the paper's protocol (issue #18)
+    (["--relay-fill", "zero"], "argument --relay-fill: invalid choice: 'zero'"),
+    (["--algorithm", "dsgd", "--relay-fill", "last"], "--relay-fill is RelaySGD's fill rule; dsgd has none"),
+    (["--partition", "groups"], "argument --partition: invalid choice: 'groups'"),
+    (["--final-evals", "0"], "--final-evals must be >= 1, got 0"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0, got -1.0"),
+    (["--warmup-epochs", "1", "--warmup-steps", "5"], "not allowed with argument"),
     # data directories
     (["--dataset", "cifar10", "--data-dir", "{dir}/garbage.tar.gz"], "garbage.tar.gz is not a tar archive"),
     (["--dataset", "cifar10", "--data-dir", "{dir}/empty"], "empty has neither cifar-10-batches-py/"),
@@ -204,3 +213,30 @@ def test_topology_and_partition_plots(tmp_path):
     assert len(table) == 16
     classes_per_worker = [int(line.split()[2]) for line in table]
     assert sum(c <= 3 for c in classes_per_worker) > 8
+    paper = relay_ray("partition", "--dataset", "digits", "--workers", "16", "--alpha", "0.01", "--partition",
+                      "paper", "--plot", str(tmp_path / "paper.png"))
+    assert paper.returncode == 0, paper.stderr
+    assert paper.stdout != result.stdout and len(paper.stdout.strip().splitlines()) == 17
+    assert (tmp_path / "paper.png").stat().st_size > 0
+
+
+def test_paper_protocol_flags_reach_the_run(tmp_path):
+    """--warmup-epochs, --final-evals, --partition paper and --relay-fill through the real CLI."""
+    out = tmp_path / "run"
+    result = relay_ray("run", "--backend", "local", "--dataset", "digits", "--workers", "4", "--epochs", "4",
+                       "--eval-every", "1000", "--warmup-epochs", "1", "--final-evals", "2", "--partition", "paper",
+                       "--drop-prob", "0.1", "--tree", "double-binary", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[0] == (
+        "relay-ray: --drop-prob 0.1: RelaySGD fills what a lost message carried with the last message received on "
+        "that edge (--relay-fill auto: the better of current and last in benchmarks/drops.py)")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    total = rows[-1]["step"]
+    assert [r["step"] for r in rows] == [total - round(0.02 * total), total]  # the last 2, 1/50 of the run apart
+    final = json.loads(result.stdout)
+    per_worker = np.mean([r["metric_per_worker"] for r in rows], axis=0)
+    assert final["final_evals"]["test_acc_worst"] == pytest.approx(per_worker.min())
+    assert final["final_evals"]["test_acc_mean"] == pytest.approx(per_worker.mean())
+    assert "metric_per_worker" not in final  # 16+ numbers per row stay in metrics.jsonl
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["partition"] == "paper" and saved["warmup_epochs"] == 1.0 and saved["relay_fill"] == "auto"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -80,3 +81,32 @@ def test_mlp_trains_on_digits():
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
     assert accuracy > 0.9, accuracy
+
+
+def test_vgg11_has_the_authors_dropout_head():
+    model = build_model("vgg11", (3, 32, 32), 10)
+    head = [type(m).__name__ for m in model.classifier]
+    assert head == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Linear"]
+    assert [m.out_features for m in model.classifier if isinstance(m, torch.nn.Linear)] == [512, 512, 10]
+
+
+def test_dropout_masks_do_not_depend_on_call_order():
+    """Workers of one process share torch's global RNG; each draws its dropout masks from its own
+    stream, so the simulator (all workers in turn) and a Ray actor (its K workers) compute the same."""
+    from relay_ray.problems import ClassificationProblem
+
+    data = load_dataset("digits")
+    shards = [np.arange(0, 200), np.arange(200, 400)]
+
+    def problems():
+        return [ClassificationProblem(data, shards[r], "vgg11", 16, seed=0, rank=r) for r in range(2)]
+
+    first, second = problems(), problems()
+    params = first[0].initial_params()
+    in_turn = [[p.loss_and_grad(params)[1] for p in first] for _ in range(2)]
+    torch.manual_seed(123)  # someone else used the global RNG in between
+    alone = [[second[r].loss_and_grad(params)[1] for _ in range(2)] for r in range(2)]
+    for step in range(2):
+        for rank in range(2):
+            assert np.array_equal(in_turn[step][rank], alone[rank][step])
+    assert not np.array_equal(in_turn[0][0], in_turn[1][0])  # masks (and batches) change between steps

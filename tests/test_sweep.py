@@ -100,3 +100,15 @@ def test_shipped_sweeps_are_valid(path):
 def test_shipped_sweeps_exist():
     names = {p.stem for p in TUNE_CONFIGS}
     assert {"quickstart", "lr_per_algorithm", "topologies", "heterogeneity"} <= names
+
+
+def test_a_best_lr_on_the_grid_edge_is_flagged():
+    from relay_ray.sweep import edge_notes, grid_edge
+
+    assert [grid_edge(v, [0.05, 0.1, 0.2]) for v in (0.05, 0.1, 0.2)] == ["lower", "", "upper"]
+    parsed = parse_sweep(sweep(search={"lr": {"grid_search": [0.05, 0.1, 0.2]}}), "s.yaml")
+    best = [{"algorithm": "relaysgd", "alpha": 0.01, "lr": 0.2}, {"algorithm": "dsgd", "alpha": 0.01, "lr": 0.1},
+            {"algorithm": "d2", "alpha": 1.0, "lr": 0.05}]
+    notes = edge_notes(best, parsed, ("algorithm", "alpha"))
+    assert notes == ["algorithm relaysgd, alpha 0.01: best lr 0.2 is the grid's upper edge; extend the grid above it",
+                     "algorithm d2, alpha 1.0: best lr 0.05 is the grid's lower edge; extend the grid below it"]

@@ -52,6 +52,7 @@ def test_four_trial_sweep(ray_two_cpus, tmp_path):
         top = results[results["algorithm"] == algorithm]["test_acc_worst"].max()
         assert f"{top:.4g}" in best
     assert table in best
+    assert "best lr 0.1 is the grid's upper edge; extend the grid above it" in best  # a 2-point grid has no inside
     assert (out / "sweep.png").stat().st_size > 10_000
 
 
