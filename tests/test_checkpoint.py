@@ -153,7 +153,10 @@ def test_cli_resume_from_truncated_newest_says_so_and_ends_like_the_original(fin
     notes = [line for line in result.stderr.splitlines() if line.startswith("relay-ray:")]
     assert notes == ["relay-ray: newest checkpoint(s) unusable (step 100: worker-00003.pt is truncated or altered "
                      f"(1000 of {json.loads((out / 'checkpoints/step-00000100/manifest.json').read_text())['workers'][3]['bytes']} "
-                     "bytes)); resuming from the previous one, step 80"], notes
+                     "bytes)); resuming from the previous one, step 80",
+                     "relay-ray: --drop-prob 0.1: RelaySGD fills what a lost message carried with the last message "
+                     "received on that edge (--relay-fill auto: the better of current and last in "
+                     "benchmarks/drops.py)"], notes
     assert _rows(out) == original
     assert np.array_equal(np.stack(_params(config, out)), np.stack(_params(*finished_run)))
 
