@@ -13,7 +13,7 @@ of the authors' code (epfml/relaysgd), scaled to the epochs the machine allows:
 Runs in-process (the simulator, which the Ray engine is tested to match), several side by side.
 
 Writes OUT/tuning.csv (every run of the lr search), OUT/table.csv (the table's runs), OUT/table.md
-(beside the paper's numbers) and OUT/cifar10_table.png.  The defaults (small CNN, 1.5 epochs, 2000
+(beside the paper's numbers) and OUT/cifar10_table.png.  The defaults (small CNN, 1 epoch, 2000
 test images per evaluation) fit 2 CPU cores and 90 minutes:
 
     .venv/bin/python benchmarks/cifar10_table.py
@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_data_arguments(parser, out="benchmarks/cifar10/cpu")
     parser.add_argument("--model", default="cnn", help="model (cnn: 22k parameters; vgg11: the paper's)")
-    parser.add_argument("--epochs", type=float, default=1.5, help="epochs of every run (tuning and table)")
+    parser.add_argument("--epochs", type=float, default=1, help="epochs of every run (tuning and table)")
     parser.add_argument("--eval-samples", type=int, default=2000,
                         help="test images per evaluation (10000: all, as the paper)")
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
