@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from relay_ray.config import RESUMABLE_CHANGES, RunConfig
-from relay_ray.errors import UserError
+from relay_ray.errors import Diverged, UserError
 
 WORKER_FORMAT = "relay_ray.worker-checkpoint/1"
 MANIFEST_FORMAT = "relay_ray.checkpoint/1"
@@ -253,6 +253,10 @@ class CheckpointStore:
         records = sorted(records, key=lambda r: r["rank"])
         if [r["rank"] for r in records] != list(range(self.config.num_workers)):
             raise RuntimeError(f"checkpoint {step}: got files of workers {[r['rank'] for r in records]}")
+        diverged = [r["rank"] for r in records if not r.get("finite", True)]
+        if diverged:  # never the newest checkpoint: a resume or restart would start from NaN
+            shutil.rmtree(directory, ignore_errors=True)
+            raise Diverged(f"diverged by step {step} on worker {diverged[0]}: model or loss not finite; lower --lr")
         manifest = {"format": MANIFEST_FORMAT, "step": step, "wall_s": wall_s, "num_workers": self.config.num_workers,
                     "algorithm": self.config.algorithm, "plan": plan_digest(self.plan),
                     "config": self.config.to_dict(), "workers": records}

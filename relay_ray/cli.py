@@ -1,7 +1,8 @@
 """`relay-ray`: run, compare, tune, topology and partition from the command line.
 
 User mistakes (bad flags, missing data, bad files) exit with code 2 and one line
-``relay-ray: error: ...``; no traceback.
+``relay-ray: error: ...``; no traceback.  A run whose loss or model becomes non-finite stops at that
+evaluation with one line and exit code 3; a worker that died for good, exit code 1.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import sys
 
 from relay_ray import runner
 from relay_ray.config import DATA_HELP, EngineOptions, RunConfig, field_kind
-from relay_ray.errors import UserError, WorkerFailure
+from relay_ray.errors import Diverged, UserError, WorkerFailure
 from relay_ray.runner import ResolvedRun, from_file, from_resume
 
 PROG = "relay-ray"
+EXIT_DIVERGED = 3
 
 def _flag(f: dataclasses.Field) -> str | None:
     flag = f.metadata.get("flag", "")
@@ -280,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerFailure as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
+    except Diverged as exc:  # metrics.jsonl, summary.json and the last good checkpoint stay
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

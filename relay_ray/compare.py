@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from relay_ray import runner
 from relay_ray.config import EngineOptions, RunConfig
+from relay_ray.errors import Diverged
 from relay_ray.experiment import build_experiment
 from relay_ray.metrics import plot_curves
 
@@ -66,7 +68,11 @@ def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_
         for config, experiment in zip(configs, experiments):
             if out is not None:
                 config.out = str(out / config.algorithm)
-            summary = runner.run(config, options, address=address, progress=progress, experiment=experiment)
+            try:
+                summary = runner.run(config, options, address=address, progress=progress, experiment=experiment)
+            except Diverged as exc:  # one diverged algorithm is a result of the comparison, not its end
+                print(f"relay-ray: {config.algorithm}: {exc}", file=sys.stderr)
+                summary = exc.summary
             summary["layout"] = _layout(config)
             summaries[config.algorithm] = summary
             if config.out:

@@ -164,6 +164,7 @@ class RunConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
+        self._validate_finite()
         _choice("algorithm", self.algorithm, ALGORITHMS)
         _choice("dataset", self.dataset, TASKS)
         _choice("backend", self.backend, BACKENDS)
@@ -219,6 +220,22 @@ class RunConfig:
             _choice("model", self.model, MODELS)
         if self.data_dir is not None and not Path(self.data_dir).exists():
             raise UserError(f"--data-dir {self.data_dir} does not exist; {DATA_HINTS.get(self.dataset, '')}")
+
+    def _validate_finite(self) -> None:
+        """nan and inf are never a learning rate or a momentum (only --alpha inf means something)."""
+        for f in dataclasses.fields(self):
+            values = getattr(self, f.name)
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, float) and not math.isfinite(value) and not (f.name == "alpha" and value > 0):
+                    flag = "--" + f.name.replace("_", "-") if f.name != "num_workers" else "--workers"
+                    raise UserError(f"{flag} must be a finite number, got {value}")
+        if self.lr_correction not in ("auto", "none"):
+            try:
+                finite = math.isfinite(float(self.lr_correction))
+            except ValueError:
+                return  # not a number: _validate says so
+            if not finite:
+                raise UserError(f"--lr-correction must be auto, none or a finite number, got {self.lr_correction}")
 
     def _resolve_num_workers(self) -> None:
         if self.topology_file is not None:

@@ -18,3 +18,15 @@ class WorkerFailure(RuntimeError):
     def __init__(self, message: str, dead: tuple[int, ...] = ()):
         super().__init__(message)
         self.dead = tuple(dead)
+
+
+class Diverged(RuntimeError):
+    """A worker's loss or model became non-finite: the run stops (the CLI exits with code 3).
+
+    ``row``: the evaluation that found it (already in metrics.jsonl); ``summary``: the run's summary,
+    set by the loop that stopped (summary.json is written with ``diverged``)."""
+
+    def __init__(self, message: str, row: dict | None = None):
+        super().__init__(message)
+        self.row = row
+        self.summary: dict | None = None

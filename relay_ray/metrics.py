@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from relay_ray.config import RunConfig
+from relay_ray.errors import Diverged
 
 
 def consensus_distance(params: list[np.ndarray] | np.ndarray) -> float:
@@ -47,7 +48,22 @@ def eval_row(step: int, per_worker: list[dict], avg_model_metric: float, consens
     row["samples_per_s"] = row["samples"] / wall_s if wall_s > 0 else None
     # by rank, for the final metrics averaged over the last evaluations (--final-evals)
     row["metric_per_worker"] = [float(w["metric"]) for w in sorted(per_worker, key=lambda w: w["rank"])]
+    # a worker with a non-finite training loss (or model metric) has diverged: name the first one
+    diverged = next((w for w in sorted(per_worker, key=lambda w: w["rank"])
+                     if not math.isfinite(w["train_loss"]) or not math.isfinite(w["metric"])), None)
+    if diverged is not None:
+        loss_bad = not math.isfinite(diverged["train_loss"])
+        what, value = ("loss", diverged["train_loss"]) if loss_bad else (metric, diverged["metric"])
+        row["diverged"] = {"worker": int(diverged["rank"]), "what": what, "value": str(value)}
     return row
+
+
+def check_divergence(row: dict) -> None:
+    """Stop a run whose evaluation found a non-finite loss or model (``eval_row``'s ``diverged``)."""
+    if row.get("diverged"):
+        bad = row["diverged"]
+        raise Diverged(f"diverged at step {row['step']} on worker {bad['worker']}: {bad['what']} {bad['value']}; "
+                       "lower --lr", row)
 
 
 def final_evals_metrics(rows: list[dict], k: int, metric: str) -> dict:

@@ -10,7 +10,8 @@ import numpy as np
 from relay_ray.checkpoint import Checkpoint, CheckpointStore
 from relay_ray.config import RunConfig
 from relay_ray.experiment import Experiment, build_experiment
-from relay_ray.metrics import Progress, RunRecorder, consensus_distance, eval_row, summarize
+from relay_ray.errors import Diverged
+from relay_ray.metrics import Progress, RunRecorder, check_divergence, consensus_distance, eval_row, summarize
 from relay_ray.worker import Worker
 
 
@@ -58,10 +59,15 @@ def simulate(config: RunConfig, experiment: Experiment | None = None, progress: 
                 row = evaluate(workers, metric, done, time.perf_counter() - start)
                 recorder.record(row)
                 bar.report(row)
+                check_divergence(row)  # before a checkpoint: the newest one stays a good one
             if checkpoint_now:
                 directory = checkpoints.begin(done)
                 records = [w.save_checkpoint(str(directory)) for w in workers]
                 checkpoints.commit(done, records, time.perf_counter() - start)
+    except Diverged as exc:
+        exc.summary = summarize(experiment, recorder.rows, time.perf_counter() - start, "local", diverged=str(exc))
+        recorder.finish(exc.summary)
+        raise
     finally:
         bar.close()
     summary = summarize(experiment, recorder.rows, time.perf_counter() - start, "local")

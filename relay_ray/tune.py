@@ -27,7 +27,7 @@ from ray import tune
 from relay_ray.checkpoint import inspect_checkpoint
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.engine import Engine, connect
-from relay_ray.errors import UserError
+from relay_ray.errors import Diverged, UserError
 from relay_ray.experiment import build_experiment
 from relay_ray.sweep import VARIANT, Sweep, edge_notes, load_sweep, parse_sweep, run_settings
 
@@ -115,6 +115,9 @@ def train_trial(settings: dict, window: int) -> None:
                         placement_group=ray.util.get_current_placement_group(), first_bundle=1)
         try:
             engine.run(progress=False, resume=resume)
+        except Diverged as exc:  # a diverged trial is a (bad) result of the sweep, not a failure to retry
+            print(f"relay-ray tune: {exc}", file=sys.stderr)
+            tune.report(_tune_metrics(exc.row))
         finally:
             engine.shutdown()
 

@@ -131,7 +131,10 @@ class Worker:
     def save_checkpoint(self, directory: str) -> dict:
         """Write this worker's state into ``directory`` (itself: the driver never sees the model)."""
         header = checkpoint.worker_header(self.config, self.spec.plan)
-        return checkpoint.save_worker(directory, self.rank, {**header, "step": self.step_count}, self.state_dict())
+        record = checkpoint.save_worker(directory, self.rank, {**header, "step": self.step_count}, self.state_dict())
+        # the driver commits no checkpoint of a diverged model: the newest one stays a good one
+        finite = bool(np.isfinite(self.algorithm.params).all()) and all(np.isfinite(self.losses))
+        return {**record, "finite": finite}
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore this worker from ``directory``; returns the step it resumes at."""

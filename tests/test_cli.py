@@ -1,6 +1,7 @@
 """The real `relay-ray` CLI: bad input is one line and exit 2; runs write their files."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import yaml
 
 from relay_ray import cli
 from relay_ray.config import RunConfig
+from relay_ray.errors import Diverged
 from relay_ray.simulate import simulate
 
 SHARED_MNIST = "../shared/data/mnist"
@@ -84,6 +86,14 @@ BAD_INPUTS = [
     (["--workers-per-actor", "two"], "--workers-per-actor must be auto or an integer, got 'two'"),
     (["--workers-per-actor", "0"], "--workers-per-actor must be >= 1, got 0"),
     (["--eval-every", "0"], "--eval-every must be > 0, got 0"),
+    # non-finite numbers (issue #13)
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--momentum", "nan"], "--momentum must be a finite number, got nan"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+    (["--decay-at", "0.5", "nan"], "--decay-at must be a finite number, got nan"),
+    (["--lr-correction", "inf"], "--lr-correction must be auto, none or a finite number, got inf"),
+    (["--alpha", "nan"], "--alpha must be a finite number, got nan"),
     # the paper's protocol (issue #18)
     (["--relay-fill", "zero"], "argument --relay-fill: invalid choice: 'zero'"),
     (["--algorithm", "dsgd", "--relay-fill", "last"], "--relay-fill is RelaySGD's fill rule; dsgd has none"),
@@ -240,3 +250,35 @@ def test_paper_protocol_flags_reach_the_run(tmp_path):
     assert "metric_per_worker" not in final  # 16+ numbers per row stay in metrics.jsonl
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["partition"] == "paper" and saved["warmup_epochs"] == 1.0 and saved["relay_fill"] == "auto"
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_divergence_stops_the_run_with_exit_3_and_keeps_the_good_checkpoint(backend, tmp_path):
+    """--lr 1e9 used to print `loss nan` to the end and exit 0 (issue #13)."""
+    out = tmp_path / "run"
+    result = relay_ray("run", "--backend", backend, "--dataset", "digits", "--workers", "4", "--steps", "40",
+                       "--eval-every", "10", "--checkpoint-every", "10", "--lr", "1e9", "--quiet", "--out", str(out))
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("relay-ray: error")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(r"relay-ray: error: diverged at step 10 on worker \d: loss nan; lower --lr", errors[0]), errors
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10] and rows[0]["diverged"]["what"] == "loss"
+    assert json.loads((out / "summary.json").read_text())["diverged"] == errors[0].removeprefix("relay-ray: error: ")
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())  # no NaN checkpoint
+
+
+def test_a_diverged_checkpoint_is_never_committed(tmp_path):
+    """Between evaluations, a checkpoint of a non-finite model is refused: the previous one stays newest."""
+    config = RunConfig(algorithm="relaysgd", num_workers=4, dataset="quadratics", steps=60, eval_every=60,
+                       checkpoint_every=10, lr=100.0, backend="local", out=str(tmp_path / "run"))
+    with pytest.raises(Diverged, match=r"diverged by step \d+ on worker \d: model or loss not finite; lower --lr"):
+        simulate(config, progress=False)
+    from relay_ray.checkpoint import find_latest, load_worker, worker_header
+    from relay_ray.experiment import build_experiment
+
+    plan = build_experiment(config).plan
+    latest, skipped = find_latest(tmp_path / "run", config, plan)
+    assert latest.step >= 10 and not skipped
+    for rank in range(4):
+        assert np.isfinite(load_worker(latest.directory, rank, worker_header(config, plan))["algorithm"]["params"]).all()

@@ -31,10 +31,10 @@ from relay_ray.checkpoint import Checkpoint, CheckpointStore
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.engine import placement
 from relay_ray.engine.actors import RemoteGroupActor
-from relay_ray.errors import UserError, WorkerFailure
+from relay_ray.errors import Diverged, UserError, WorkerFailure
 from relay_ray.experiment import Experiment, build_experiment
 from relay_ray.group import GroupLayout, WorkerGroup
-from relay_ray.metrics import Progress, RunRecorder, eval_row, summarize
+from relay_ray.metrics import Progress, RunRecorder, check_divergence, eval_row, summarize
 
 OnStep = Callable[["Engine", int], None]
 OnProgress = Callable[["Engine", int, "dict | None", "Checkpoint | None"], None]
@@ -269,6 +269,7 @@ class Engine:
             if row is not None:
                 recorder.record(row)
                 bar.report(row)
+                check_divergence(row)  # before a checkpoint: the newest one stays a good one
             checkpoint = (self._save_checkpoint(checkpoints, step, time.perf_counter() - start)
                           if checkpoint_now else None)
             if self.on_progress is not None:
@@ -309,6 +310,12 @@ class Engine:
                     bar.note(f"relay-ray: {failure}; restarting all workers from {where} "
                              f"(restart {self.restarts} of {limit})")
                     self._restart_actors()
+        except Diverged as exc:
+            exc.summary = summarize(experiment, recorder.rows, time.perf_counter() - start, "ray",
+                                    startup_s=self.startup_s, restarts=self.restarts, engine=self.describe(),
+                                    diverged=str(exc))
+            recorder.finish(exc.summary)
+            raise
         finally:
             bar.close()
         summary = summarize(experiment, recorder.rows, time.perf_counter() - start, "ray", startup_s=self.startup_s,
