@@ -12,13 +12,15 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
-from relay_ray import runner
+from relay_ray import rundir, runner
 from relay_ray.config import DATA_HELP, EngineOptions, RunConfig, field_kind
 from relay_ray.errors import Diverged, UserError, WorkerFailure
 from relay_ray.runner import ResolvedRun, from_file, from_resume
 
 PROG = "relay-ray"
+DEFAULT_OUT = "runs/latest"
 EXIT_DIVERGED = 3
 
 def _flag(f: dataclasses.Field) -> str | None:
@@ -91,14 +93,25 @@ def _resolve_run(args: argparse.Namespace) -> ResolvedRun:
     --config FILE / --resume DIR take their settings from FILE / DIR/config.yaml; the flags given on
     the command line override them (argparse itself resolves which were given).
     """
+    given = _explicit_dests(getattr(args, "argv", None))
+    if args.resume is not None and args.overwrite:
+        raise UserError("give --resume (continue the run) or --overwrite (replace it), not both")
     if args.resume is None and args.config is None:
+        rundir.check_out(args.out, overwrite=args.overwrite, default="out" not in given)
         return ResolvedRun(RunConfig(**_run_settings(args)))
     if args.resume is not None and args.config is not None:
         raise UserError("give --config or --resume, not both (a resumed run uses its own config.yaml)")
-    given = _explicit_dests(getattr(args, "argv", None))
     changed = {k: v for k, v in _run_settings(args).items() if k in given}
     if args.config is not None:
-        return from_file(args.config, {"out": args.out, **changed})
+        if "out" in given:  # --out on the command line beats out: in the file; the file's beats the default
+            changed["out"] = args.out
+        resolved = from_file(args.config, changed)
+        if resolved.config.out is None:
+            resolved.config.out = args.out
+        rundir.check_out(resolved.config.out, overwrite=args.overwrite,
+                         default="out" not in given and resolved.config.out == args.out)
+        return resolved
+    rundir.check_out(args.resume, resume=True)
     return from_resume(args.resume, changed)
 
 
@@ -118,8 +131,14 @@ def _explicit_dests(argv: list[str] | None) -> set[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     resolved = _resolve_run(args)
     config = resolved.config
-    summary = runner.run(config, engine_options(args), address=args.address, progress=not args.quiet,
-                         experiment=resolved.experiment, resume=resolved.checkpoint)
+    # the default --out (runs/latest) is the latest run: replaced, with a note; any other is protected
+    replace_default = resolved.checkpoint is None and not args.overwrite and config.out == DEFAULT_OUT and \
+        Path(DEFAULT_OUT, rundir.RUN_MARKER).exists()
+    with rundir.claimed(config.out, overwrite=(args.overwrite or replace_default) and resolved.checkpoint is None):
+        if replace_default:
+            print(f"relay-ray: replacing the previous run in {DEFAULT_OUT} (the default --out)", file=sys.stderr)
+        summary = runner.run(config, engine_options(args), address=args.address, progress=not args.quiet,
+                             experiment=resolved.experiment, resume=resolved.checkpoint)
     final = {k: v for k, v in summary["final"].items() if k != "metric_per_worker"}
     if config.final_evals > 1:
         final["final_evals"] = summary["final_evals"]
@@ -217,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUT/config.yaml, metrics.jsonl, summary.json and curves.png.")
     add_run_flags(run)
     outputs = run.add_argument_group("outputs")
-    outputs.add_argument("--out", default="runs/latest", help="output directory (default: runs/latest)")
+    outputs.add_argument("--out", default=DEFAULT_OUT, help=f"output directory; one that holds a run is refused "
+                         f"unless --resume or --overwrite, except the default (default: {DEFAULT_OUT}, replaced "
+                         "by each run that does not name another)")
+    outputs.add_argument("--overwrite", action="store_true", help="replace the run in --out (its metrics, summary, "
+                         "plots and checkpoints)")
     add_settings(outputs, RunConfig, groups=("output",))
     run.add_argument("--config", default=None, metavar="FILE.yaml",
                      help="take the settings from a run YAML (e.g. a run's config.yaml); flags given override it")

@@ -186,6 +186,8 @@ class RunConfig:
         _positive("eval-every", self.eval_every)
         _positive("eval-samples", self.eval_samples)
         _positive("checkpoint-every", self.checkpoint_every)
+        if not 0 <= self.seed < 2 ** 31:
+            raise UserError(f"--seed must be in [0, 2^31), got {self.seed}")
         if not 0 <= self.drop_prob < 1:
             raise UserError(f"--drop-prob must be in [0, 1), got {self.drop_prob}")
         _choice("relay-fill", self.relay_fill, RELAY_FILLS)

@@ -3,9 +3,11 @@
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ def bad_files(tmp_path_factory):
     (root / "bad_value.yaml").write_text("algorithm: relaysgd\ndrop_prob: 2.0\n")
     (root / "garbage.tar.gz").write_bytes(b"not a tar archive")
     (root / "empty").mkdir()
+    (root / "a_file").write_text("not a directory\n")
     # run directories for --resume: one with checkpoints, one whose every checkpoint lost its manifest,
     # one without checkpoints, one with an unreadable config.yaml
     good = RunConfig(algorithm="relaysgd", dataset="quadratics", num_workers=4, steps=4, eval_every=2,
@@ -94,6 +97,14 @@ BAD_INPUTS = [
     (["--decay-at", "0.5", "nan"], "--decay-at must be a finite number, got nan"),
     (["--lr-correction", "inf"], "--lr-correction must be auto, none or a finite number, got inf"),
     (["--alpha", "nan"], "--alpha must be a finite number, got nan"),
+    # run directories (issue #13)
+    (["--out", ""], "--out is empty; give an output directory"),
+    (["--out", "{dir}/a_file"], "--out {dir}/a_file is a file, not a directory"),
+    (["--out", "{dir}/run"], "--out {dir}/run already holds a run; give --resume {dir}/run to continue it, "
+                             "--overwrite to replace it, or another --out"),
+    (["--out", "/proc/relay-ray-run"], "--out /proc/relay-ray-run: cannot write there"),
+    (["--seed", "-1"], "--seed must be in [0, 2^31), got -1"),
+    (["--resume", "{dir}/run", "--overwrite"], "give --resume (continue the run) or --overwrite (replace it), not both"),
     # the paper's protocol (issue #18)
     (["--relay-fill", "zero"], "argument --relay-fill: invalid choice: 'zero'"),
     (["--algorithm", "dsgd", "--relay-fill", "last"], "--relay-fill is RelaySGD's fill rule; dsgd has none"),
@@ -145,7 +156,8 @@ def test_bad_input_is_one_line_and_exit_2(bad_files, args, message, tmp_path, ca
     args = [a.replace("{dir}", str(bad_files)) for a in args]
     message = message.replace("{dir}", str(bad_files))
     if "--resume" not in args:
-        args = [*args, "--out", str(tmp_path / "run")]
+        if "--out" not in args:
+            args = [*args, "--out", str(tmp_path / "run")]
         if "--steps" not in args and "--config" not in args:
             args = ["--steps", "1", *args]
     with pytest.raises(SystemExit) as exited:
@@ -282,3 +294,65 @@ def test_a_diverged_checkpoint_is_never_committed(tmp_path):
     assert latest.step >= 10 and not skipped
     for rank in range(4):
         assert np.isfinite(load_worker(latest.directory, rank, worker_header(config, plan))["algorithm"]["params"]).all()
+
+
+def test_two_runs_into_one_out_the_second_is_refused(tmp_path):
+    """The first run holds OUT/.lock for its whole length; its files stay intact (issue #13)."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "relay_ray", "run", "--backend", "local", "--dataset", "digits",
+                              "--workers", "4", "--steps", "3000", "--eval-every", "100", "--quiet", "--out", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # wait until the first run holds the lock and has written a row
+            if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text():
+                break
+            time.sleep(0.1)
+        second = relay_ray("run", "--backend", "local", "--dataset", "digits", "--workers", "4", "--steps", "20",
+                           "--quiet", "--out", str(out))
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"relay-ray: error: --out {out} is in use by a running relay-ray (pid "
+                                         f"{first.pid} on {socket.gethostname()}); wait for it or pick another --out "
+                                         f"(a lock left by a killed run on another host: remove {out}/.lock)")
+        _, err = first.communicate(timeout=600)
+        assert first.returncode == 0, err
+    finally:
+        first.kill()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(100, 3001, 100))  # one run's rows, in order
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3000
+    assert not (out / ".lock").exists()
+
+
+def test_a_stale_lock_is_taken_over_and_the_default_out_is_replaced(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    result = relay_ray("run", "--backend", "local", "--dataset", "quadratics", "--steps", "20", "--quiet",
+                       "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert not (out / ".lock").exists() and (out / "summary.json").exists()
+    # --overwrite replaces a finished run; the default --out is replaced with a note
+    again = relay_ray("run", "--backend", "local", "--dataset", "quadratics", "--steps", "10", "--quiet",
+                      "--eval-every", "5", "--out", str(out), "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [5, 10]
+    for _ in range(2):
+        default = subprocess.run([sys.executable, "-m", "relay_ray", "run", "--backend", "local", "--dataset",
+                                  "quadratics", "--steps", "10", "--quiet"], capture_output=True, text=True,
+                                 cwd=tmp_path, timeout=600)
+        assert default.returncode == 0, default.stderr
+    assert default.stderr.splitlines()[0] == "relay-ray: replacing the previous run in runs/latest (the default --out)"
+
+
+def test_out_in_a_config_file_is_honoured(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"dataset: quadratics\nsteps: 10\nout: {tmp_path / 'from_yaml'}\n")
+    result = subprocess.run([sys.executable, "-m", "relay_ray", "run", "--backend", "local", "--config", str(config),
+                             "--quiet"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "from_yaml" / "summary.json").exists() and not (tmp_path / "runs").exists()
+    moved = relay_ray("run", "--backend", "local", "--config", str(config), "--quiet", "--out", str(tmp_path / "flag"))
+    assert moved.returncode == 0, moved.stderr
+    assert (tmp_path / "flag" / "summary.json").exists()
