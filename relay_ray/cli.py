@@ -11,12 +11,14 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from relay_ray import rundir, runner
 from relay_ray.config import DATA_HELP, EngineOptions, RunConfig, field_kind
-from relay_ray.errors import Diverged, UserError, WorkerFailure
+from relay_ray.errors import Diverged, Terminated, UserError, WorkerFailure, raise_terminated
 from relay_ray.runner import ResolvedRun, from_file, from_resume
 
 PROG = "relay-ray"
@@ -298,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)  # the engine keeps it when Ray starts
     try:
         return args.func(args)
     except UserError as exc:
@@ -308,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as exc:  # metrics.jsonl, summary.json and the last good checkpoint stay
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM); the newest complete checkpoint is kept (continue with --resume)",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

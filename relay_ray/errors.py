@@ -30,3 +30,12 @@ class Diverged(RuntimeError):
         super().__init__(message)
         self.row = row
         self.summary: dict | None = None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how Slurm and Kubernetes stop a job), raised in the main thread like Ctrl-C, so the
+    same cleanup runs: the newest complete checkpoint stays, Ray is stopped; the CLI exits 143."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated()

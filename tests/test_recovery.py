@@ -18,6 +18,7 @@ from relay_ray.checkpoint import find_latest, load_worker, worker_header
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.engine import Engine, WorkerFailure
 from relay_ray.experiment import build_experiment
+from relay_ray.runner import fill_note
 from relay_ray.group import WorkerGroup
 from relay_ray.simulate import simulate
 from tests.test_engine import _at_step, _kill_at
@@ -108,6 +109,41 @@ def test_sigkilled_ray_driver_resumes_like_an_uninterrupted_run(ray_local, refer
     _assert_close_rows(_rows(out), ref_rows, 1e-6)
     for params, ref in zip(_final_params(_config("relaysgd", out), out), ref_params):
         np.testing.assert_allclose(params, ref, rtol=1e-6, atol=1e-6)
+
+
+# The CLI driver gets SIGTERM (how Slurm and Kubernetes stop a job) in the middle of step 75.
+SIGTERM_AT_75 = """
+import os, signal, sys
+from relay_ray import cli
+from relay_ray.engine import driver
+init = driver.Engine.__init__
+def with_hook(self, *args, **kwargs):
+    kwargs["on_step"] = lambda engine, step: step == 75 and os.kill(os.getpid(), signal.SIGTERM)
+    init(self, *args, **kwargs)
+driver.Engine.__init__ = with_hook
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_exits_143_with_one_line_and_resumes_like_an_uninterrupted_run(ray_local, reference, tmp_path):
+    address = ray_local.get_runtime_context().gcs_address
+    out = tmp_path / "run"
+    _config("relaysgd", out).dump(tmp_path / "settings.yaml")
+    runner_fill_note = f"relay-ray: {fill_note(_config('relaysgd', out))}"  # the run's first line (drops)
+    stopped = subprocess.run([sys.executable, "-c", SIGTERM_AT_75, "run", "--config", str(tmp_path / "settings.yaml"),
+                              "--out", str(out), "--address", address, "--quiet"],
+                             capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 143, stopped.stderr
+    ours = [line for line in stopped.stderr.splitlines() if line.startswith("relay-ray")]
+    assert ours == [runner_fill_note, "relay-ray: terminated (SIGTERM); the newest complete checkpoint is kept "
+                    "(continue with --resume)"], stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert [r["step"] for r in _rows(out)] == [10, 20, 30, 40, 50, 60, 70]
+    resumed = subprocess.run([sys.executable, "-m", "relay_ray", "run", "--resume", str(out), "--address", address,
+                              "--quiet"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"relay-ray: resuming {out} from step 60" in resumed.stderr
+    _assert_close_rows(_rows(out), reference["relaysgd"][0], 1e-6)
 
 
 @pytest.mark.parametrize("k", list(KS))

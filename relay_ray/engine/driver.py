@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -335,6 +337,7 @@ def connect(address: str | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(logging_level="WARNING", configure_logging=True)
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -342,6 +345,8 @@ def connect(address: str | None = None) -> bool:
             ray.init(address="local", include_dashboard=False, **kwargs)  # never a `ray start` cluster by accident
     except ConnectionError as exc:
         raise UserError(f"cannot connect to Ray at {address}: {exc}") from None
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init installs sys.exit(15); keep the caller's handler
     return True
 
 
