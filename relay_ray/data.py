@@ -422,6 +422,18 @@ def _decode_cifar_tree(root: Path) -> _Arrays:
 # partitioning
 
 
+def _checked_split(labels, num_workers: int, alpha: float) -> np.ndarray:
+    """The labels as an array, after refusing a split that cannot be made (one line each)."""
+    labels = np.asarray(labels)
+    if not alpha > 0:
+        raise UserError(f"Dirichlet alpha must be > 0 (use inf for iid), got {alpha}")
+    if num_workers < 2:
+        raise UserError(f"need at least 2 workers to partition data, got {num_workers}")
+    if num_workers > len(labels):
+        raise UserError(f"cannot split {len(labels)} samples over {num_workers} workers (need at least one each)")
+    return labels
+
+
 def dirichlet_partition(labels: np.ndarray, num_workers: int, alpha: float, seed: int) -> list[np.ndarray]:
     """Split sample indices into ``num_workers`` equal-size shards with Dirichlet(alpha) label skew.
 
@@ -434,14 +446,8 @@ def dirichlet_partition(labels: np.ndarray, num_workers: int, alpha: float, seed
     concentrated on few workers at small alpha.  ``alpha = math.inf`` is the iid split (shuffle,
     cut).  Deterministic given ``seed``; returns sorted int64 index arrays.
     """
-    labels = np.asarray(labels)
+    labels = _checked_split(labels, num_workers, alpha)
     n = len(labels)
-    if not alpha > 0:
-        raise UserError(f"Dirichlet alpha must be > 0 (use inf for iid), got {alpha}")
-    if num_workers < 2:
-        raise UserError(f"need at least 2 workers to partition data, got {num_workers}")
-    if num_workers > n:
-        raise UserError(f"cannot split {n} samples over {num_workers} workers (need at least one each)")
     rng = np.random.default_rng(seed)
     room = np.full(num_workers, n // num_workers, dtype=np.int64)
     room[: n % num_workers] += 1
@@ -484,14 +490,8 @@ def paper_partition(labels: np.ndarray, num_workers: int, alpha: float, seed: in
     ``num_workers`` equal shards (sizes differ by at most one).  ``seed``: the run seed (the
     authors draw with seed + 100).  ``alpha = inf`` is the iid split of ``dirichlet_partition``.
     """
-    labels = np.asarray(labels)
+    labels = _checked_split(labels, num_workers, alpha)
     n = len(labels)
-    if not alpha > 0:
-        raise UserError(f"Dirichlet alpha must be > 0 (use inf for iid), got {alpha}")
-    if num_workers < 2:
-        raise UserError(f"need at least 2 workers to partition data, got {num_workers}")
-    if num_workers > n:
-        raise UserError(f"cannot split {n} samples over {num_workers} workers (need at least one each)")
     if math.isinf(alpha):
         return dirichlet_partition(labels, num_workers, alpha, seed + PAPER_SEED_OFFSET)
     rng = np.random.default_rng(seed + PAPER_SEED_OFFSET)
