@@ -130,7 +130,7 @@ class RunConfig:
     device: str = setting("cpu", f"where each worker's model computes: {', '.join(DEVICES)}; cuda on Ray gives "
                           "each actor a GPU unless --gpus-per-actor says otherwise (default: cpu)", choices=DEVICES)
     drop_prob: float = setting(0.0, "unreliable links: each received message is lost with probability P, seeded per "
-                               "step and edge; RelaySGD fills the gap with x0, gossip renormalises (default: 0)",
+                               "step and edge; RelaySGD fills the gap per --relay-fill, gossip renormalises (default: 0)",
                                metavar="P")
     relay_fill: str = setting("auto", "RelaySGD: what stands in for the models a worker has not received (DESIGN "
                               "§1): x0 = the initial model (Algorithm 1); current = the receiver's current model "
