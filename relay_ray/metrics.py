@@ -187,7 +187,8 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if any(rows for rows in runs.values()):  # a run stopped before its first evaluation has no lines
+        axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -280,6 +280,8 @@ def test_divergence_stops_the_run_with_exit_3_and_keeps_the_good_checkpoint(back
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())  # no NaN checkpoint
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")  # the divergence itself
 def test_a_diverged_checkpoint_is_never_committed(tmp_path):
     """Between evaluations, a checkpoint of a non-finite model is refused: the previous one stays newest."""
     config = RunConfig(algorithm="relaysgd", num_workers=4, dataset="quadratics", steps=60, eval_every=60,
