@@ -132,6 +132,7 @@ def _explicit_dests(argv: list[str] | None) -> set[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     resolved = _resolve_run(args)
+    options = engine_options(args)  # every check before the default --out is replaced
     config = resolved.config
     # the default --out (runs/latest) is the latest run: replaced, with a note; any other is protected
     replace_default = resolved.checkpoint is None and not args.overwrite and config.out == DEFAULT_OUT and \
@@ -139,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with rundir.claimed(config.out, overwrite=(args.overwrite or replace_default) and resolved.checkpoint is None):
         if replace_default:
             print(f"relay-ray: replacing the previous run in {DEFAULT_OUT} (the default --out)", file=sys.stderr)
-        summary = runner.run(config, engine_options(args), address=args.address, progress=not args.quiet,
+        summary = runner.run(config, options, address=args.address, progress=not args.quiet,
                              experiment=resolved.experiment, resume=resolved.checkpoint)
     final = {k: v for k, v in summary["final"].items() if k != "metric_per_worker"}
     if config.final_evals > 1:

@@ -175,14 +175,20 @@ def test_bad_input_in_a_real_process_starts_no_ray(bad_files):
     """A few of the table's rows as real processes: still one line, and no Ray session directory
     appears under the private RAY_TMPDIR."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    # a previous run in the default --out: a bad input must neither replace it nor say it will
+    shutil.copytree(bad_files / "run", ray_tmp.parent / f"{ray_tmp.name}-cwd" / "runs" / "latest")
+    cwd = ray_tmp.parent / f"{ray_tmp.name}-cwd"
     try:
         for args in (["--window", "0"], ["--drop-prob", "1.5"], ["--resume", f"{bad_files}/run", "--workers", "8"]):
             result = subprocess.run([sys.executable, "-m", "relay_ray", "run", *args], capture_output=True, text=True,
-                                    timeout=600, env={**__import__("os").environ, "RAY_TMPDIR": str(ray_tmp)})
+                                    timeout=600, cwd=cwd, env={**__import__("os").environ, "RAY_TMPDIR": str(ray_tmp),
+                                                               "PYTHONPATH": str(Path(__file__).parent.parent)})
             assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
             assert list(ray_tmp.iterdir()) == [], list(ray_tmp.iterdir())
+            assert (cwd / "runs" / "latest" / "summary.json").exists()
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(cwd, ignore_errors=True)
 
 
 def test_help_on_every_subcommand():
