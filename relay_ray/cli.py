@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the default --out (runs/latest) is the latest run: replaced, with a note; any other is protected
     replace_default = resolved.checkpoint is None and not args.overwrite and config.out == DEFAULT_OUT and \
         Path(DEFAULT_OUT, rundir.RUN_MARKER).exists()
-    with rundir.claimed(config.out, overwrite=(args.overwrite or replace_default) and resolved.checkpoint is None):
+    with rundir.claimed(config.out, overwrite=args.overwrite or replace_default):  # --resume refuses --overwrite
         if replace_default:
             print(f"relay-ray: replacing the previous run in {DEFAULT_OUT} (the default --out)", file=sys.stderr)
         summary = runner.run(config, options, address=args.address, progress=not args.quiet,

@@ -285,7 +285,7 @@ class RunConfig:
         the k - 1 points before the end that the final metrics average over."""
         if step % self.eval_every == 0 or step == total_steps:
             return True
-        return step in self.final_eval_steps(total_steps)
+        return self.final_evals > 1 and step in self.final_eval_steps(total_steps)
 
     def final_eval_steps(self, total_steps: int) -> tuple[int, ...]:
         """The k - 1 extra evaluation steps of --final-evals k (empty for k = 1)."""

@@ -47,10 +47,11 @@ def eval_row(step: int, per_worker: list[dict], avg_model_metric: float, consens
                    suboptimality_worst=float(np.max(values)))
     row["samples_per_s"] = row["samples"] / wall_s if wall_s > 0 else None
     # by rank, for the final metrics averaged over the last evaluations (--final-evals)
-    row["metric_per_worker"] = [float(w["metric"]) for w in sorted(per_worker, key=lambda w: w["rank"])]
+    by_rank = sorted(per_worker, key=lambda w: w["rank"])
+    row["metric_per_worker"] = [float(w["metric"]) for w in by_rank]
     # a worker with a non-finite training loss (or model metric) has diverged: name the first one
-    diverged = next((w for w in sorted(per_worker, key=lambda w: w["rank"])
-                     if not math.isfinite(w["train_loss"]) or not math.isfinite(w["metric"])), None)
+    diverged = next((w for w in by_rank if not math.isfinite(w["train_loss"]) or not math.isfinite(w["metric"])),
+                    None)
     if diverged is not None:
         loss_bad = not math.isfinite(diverged["train_loss"])
         what, value = ("loss", diverged["train_loss"]) if loss_bad else (metric, diverged["metric"])
@@ -74,9 +75,8 @@ def final_evals_metrics(rows: list[dict], k: int, metric: str) -> dict:
         return {}
     per_worker = np.mean(np.asarray([r["metric_per_worker"] for r in last], dtype=np.float64), axis=0)
     worst = float(per_worker.min() if metric == "test_acc" else per_worker.max())
-    prefix = "test_acc" if metric == "test_acc" else "suboptimality"
-    return {"k": len(last), "steps": [r["step"] for r in last], f"{prefix}_worst": worst,
-            f"{prefix}_mean": float(per_worker.mean())}
+    return {"k": len(last), "steps": [r["step"] for r in last], f"{metric}_worst": worst,
+            f"{metric}_mean": float(per_worker.mean())}
 
 
 def format_row(row: dict, total_steps: int) -> str:

@@ -117,7 +117,8 @@ def train_trial(settings: dict, window: int) -> None:
             engine.run(progress=False, resume=resume)
         except Diverged as exc:  # a diverged trial is a (bad) result of the sweep, not a failure to retry
             print(f"relay-ray tune: {exc}", file=sys.stderr)
-            tune.report(_tune_metrics(exc.row))
+            if exc.row is not None:  # found at an evaluation (not at a checkpoint between evaluations)
+                tune.report(_tune_metrics(exc.row))
         finally:
             engine.shutdown()
 
