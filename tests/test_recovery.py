@@ -243,3 +243,59 @@ def test_gives_up_after_max_restarts(ray_local, tmp_path):
     finally:
         engine.shutdown()
     assert engine.restarts == 1
+
+
+def _actor_pids_of(ray_tmp) -> list[int]:
+    """The worker-group actor processes of the Ray session under ``ray_tmp`` (not of other sessions)."""
+    pids = []
+    for proc in os.listdir("/proc"):
+        if not proc.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{proc}/cmdline", "rb").read()
+            environ = open(f"/proc/{proc}/environ", "rb").read()
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::GroupActor") and f"RAY_TMPDIR={ray_tmp}".encode() in environ.split(b"\0"):
+            pids.append(int(proc))
+    return pids
+
+
+def test_killed_actor_in_a_real_process_leaves_relay_rays_lines_readable(tmp_path):
+    """A default-flags CLI run whose worker actor is SIGKILLed after the first evaluation: stdout is
+    the summary alone, and the recovery line stands among at most 5 lines that are not relay-ray's
+    (Ray's "Unhandled error" blocks go to its session's log folder)."""
+    import signal
+    import tempfile
+    import time
+    from pathlib import Path
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rr-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "relay_ray", "run", "--dataset", "digits", "--epochs", "200",
+                                "--eval-every", "100", "--checkpoint-every", "50", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "RAY_TMPDIR": str(ray_tmp),
+                                    "PYTHONPATH": str(Path(__file__).parent.parent)})
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.2)
+        victims = _actor_pids_of(ray_tmp)
+        assert victims, "no worker actor of this run found"
+        os.kill(victims[0], signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        import shutil
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert process.returncode == 0, stderr
+    assert "test_acc_worst" in json.loads(stdout)  # stdout holds the final metrics and nothing else
+    assert json.loads((out / "summary.json").read_text())["restarts"] == 1
+    lines = stderr.strip().splitlines()
+    assert any(line.startswith("relay-ray: ") and "restarting all workers" in line for line in lines), stderr
+    others = [line for line in lines if not line.startswith(("relay-ray", "step ", "wrote "))]
+    assert len(others) <= 5, stderr

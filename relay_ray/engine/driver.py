@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from relay_ray.checkpoint import Checkpoint, CheckpointStore
 from relay_ray.config import EngineOptions, RunConfig
-from relay_ray.engine import placement
+from relay_ray.engine import placement, quiet
 from relay_ray.engine.actors import RemoteGroupActor
 from relay_ray.errors import Diverged, UserError, WorkerFailure
 from relay_ray.experiment import Experiment, build_experiment
@@ -336,8 +336,11 @@ def connect(address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(logging_level="WARNING", configure_logging=True)
+    # log_to_driver=False: the actors' output and the raylet's worker-death notices stay in Ray's log files
+    # (they landed on stdout, among the results); the engine reports every failure in one line
+    kwargs = dict(logging_level="WARNING", configure_logging=True, log_to_driver=False)
     on_sigterm = signal.getsignal(signal.SIGTERM)
+    quiet.divert_ray_noise()
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -345,6 +348,7 @@ def connect(address: str | None = None) -> bool:
             ray.init(address="local", include_dashboard=False, **kwargs)  # never a `ray start` cluster by accident
     except ConnectionError as exc:
         raise UserError(f"cannot connect to Ray at {address}: {exc}") from None
+    quiet.log_to_session(quiet.session_logs_dir())
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # ray.init installs sys.exit(15); keep the caller's handler
     return True
