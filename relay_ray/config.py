@@ -345,6 +345,7 @@ class RunConfig:
 
 WORKERS_PER_ACTOR_AUTO = "auto"
 PLACEMENTS = ("spread", "pack")
+ON_FAILURE = ("restart", "continue", "replace")
 
 
 @dataclass
@@ -369,6 +370,12 @@ class EngineOptions:
     max_restarts: int = setting(3, "when an actor or its node dies, restart all workers from the last checkpoint "
                                 "(or step 0) at most N times, then give up (default: 3)", metavar="N")
 
+    on_failure: str = setting(
+        "restart", "when an actor or its node dies: restart = all workers from the last checkpoint (exact, "
+        "rewinds everyone); continue = the survivors go on from their current models without the dead workers "
+        "(their data shards are lost; relays re-span the tree); replace = fresh workers take the dead ranks, "
+        "starting from a neighbour's current model; nobody rewinds (default: restart)", choices=ON_FAILURE)
+
     def __post_init__(self) -> None:
         if self.workers_per_actor != WORKERS_PER_ACTOR_AUTO:
             try:
@@ -383,6 +390,7 @@ class EngineOptions:
         if self.gpus_per_actor is not None and not self.gpus_per_actor >= 0:
             raise UserError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
         _choice("placement", self.placement, PLACEMENTS)
+        _choice("on_failure", self.on_failure, ON_FAILURE)
         if self.window < 1:
             raise UserError(f"--window must be >= 1, got {self.window}")
         if self.max_restarts < 0:

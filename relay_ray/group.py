@@ -53,10 +53,15 @@ class GroupLayout:
         bounds = np.linspace(0, n, num_groups + 1).round().astype(int)
         sizes = sorted(np.diff(bounds).tolist(), reverse=True)  # larger groups first: 3 + 3 + 2
         starts = np.concatenate([[0], np.cumsum(sizes)])
-        groups = tuple(tuple(range(starts[g], starts[g + 1])) for g in range(num_groups))
+        return GroupLayout.from_groups(plan, [range(starts[g], starts[g + 1]) for g in range(num_groups)])
+
+    @staticmethod
+    def from_groups(plan: CommPlan, groups) -> "GroupLayout":
+        """The layout of these groups of ranks (after a failure: the surviving groups only)."""
+        groups = tuple(tuple(int(rank) for rank in ranks) for ranks in groups)
         group_of = {rank: g for g, ranks in enumerate(groups) for rank in ranks}
         crossing: dict[tuple[int, int], list[Edge]] = {}
-        for i in range(n):
+        for i in sorted(group_of):
             for j in plan.neighbors[i]:
                 if group_of[i] != group_of[j]:
                     crossing.setdefault((group_of[i], group_of[j]), []).append((i, j))
@@ -98,6 +103,7 @@ class WorkerGroup:
         self.outgoing_links = layout.outgoing[group]
         self.local: dict[Edge, np.ndarray] = {}  # this step's messages between workers of this group
         self.failure: str | None = None
+        self.settled = True  # every worker finished its averaging (no step's messages left to receive)
 
     @contextlib.contextmanager
     def _remember_failure(self, rank: int):
@@ -128,6 +134,7 @@ class WorkerGroup:
                     sent[(worker.rank, j)] = message
         bundles_out = [[sent.pop(edge) for edge in edges] for _, edges in self.outgoing_links]
         self.local = sent
+        self.settled = False
         return bundles_out
 
     def receive(self, *bundles: list[np.ndarray]) -> None:
@@ -136,6 +143,7 @@ class WorkerGroup:
             with self._remember_failure(worker.rank):
                 worker.receive(*inbox)
         self.local = {}
+        self.settled = True
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> list[dict]:
@@ -162,5 +170,31 @@ class WorkerGroup:
 
     def load_checkpoint(self, directory: str) -> int:
         steps = {worker.load_checkpoint(directory) for worker in self.workers}
-        self.local, self.failure = {}, None
+        self.local, self.failure, self.settled = {}, None, True
         return steps.pop()
+
+    # ------------------------------------------------------------------ surviving a failure (--on-failure)
+    def status(self) -> tuple[int, bool]:
+        """(steps taken, whether the last step's messages were received)."""
+        return self.step_count, self.settled
+
+    def params_of(self, rank: int) -> np.ndarray:
+        return next(w for w in self.workers if w.rank == rank).params()
+
+    def set_fill(self, fill: str | None) -> None:
+        """RelaySGD's fill rule from now on (``current`` once a worker has died); others have none."""
+        for worker in self.workers:
+            worker.set_fill(fill)
+
+    def reconfigure(self, plan: CommPlan, layout: GroupLayout, group: int, lr_scale: float, fill: str | None) -> None:
+        """Go on in a new plan (the survivors', ``relay_ray.respan``) from the current models."""
+        for worker in self.workers:
+            worker.reconfigure(plan, lr_scale, fill)
+        self.plan = plan
+        self.incoming_links, self.outgoing_links = layout.incoming[group], layout.outgoing[group]
+
+    def adopt(self, step: int, fill: str | None, *models: np.ndarray) -> None:
+        """A replacement group: its workers take these models (a neighbour's, one per worker) at ``step``."""
+        for worker, model in zip(self.workers, models):
+            worker.adopt(model, step)
+            worker.set_fill(fill)

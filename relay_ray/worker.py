@@ -6,6 +6,8 @@ in one place, so tests can build it in-process.  No Ray import here.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -107,6 +109,27 @@ class Worker:
     def evaluate_params(self, params: np.ndarray) -> float:
         """The task metric of another model (the averaged one) with this worker's evaluator."""
         return self.problem.evaluate(params)
+
+    # ------------------------------------------------------------------ after a failure (--on-failure)
+    def set_fill(self, fill: str | None) -> None:
+        if fill is not None and hasattr(self.algorithm, "fill"):
+            self.algorithm.fill = fill
+
+    def reconfigure(self, plan, lr_scale: float, fill: str | None) -> None:
+        """Go on in ``plan`` from the current model and optimizer state.  The communication state (relay
+        buffers, gossip corrections) belongs to the old plan and starts afresh, as at step 0."""
+        params, optimizer = self.algorithm.params, self.algorithm.optimizer.state_dict()
+        self.spec = dataclasses.replace(self.spec, plan=plan, lr_scale=lr_scale)
+        relay_fill = fill if hasattr(self.algorithm, "fill") else None
+        self.algorithm = make_algorithm(self.config.algorithm, self.rank, plan, params, self.config.momentum,
+                                        self.config.weight_decay, relay_fill)
+        self.algorithm.optimizer.load_state_dict(optimizer)
+
+    def adopt(self, params: np.ndarray, step: int) -> None:
+        """A replacement worker: start from ``params`` (a neighbour's model) at ``step``; its momentum starts at 0."""
+        self.algorithm.params = np.array(params, dtype=np.float32)
+        self.algorithm.half = self.algorithm.params
+        self.step_count = step
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -201,7 +201,8 @@ def test_killed_actor_restarts_from_checkpoint_with_the_same_numbers(ray_local, 
     who = "worker 2 died" if k == "auto" else "workers [0, 1, 2, 3] died"
     assert len(notes) == 1 and who in notes[0] and "from checkpoint step 40" in notes[0], notes
     assert summary["restarts"] == 1
-    assert submitted == 50 + 60, submitted  # found dead at the evaluation at 50, replayed steps 40..99
+    # found dead within the window of step 47 (at the latest at the evaluation at 50), replayed 40..99
+    assert 47 + 60 <= submitted <= 50 + 60, submitted
     _assert_close_rows(_rows(tmp_path), reference["relaysgd"][0], 1e-6)
 
 

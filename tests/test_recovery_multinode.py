@@ -1,13 +1,16 @@
 """A whole node of a 3-node ray.cluster_utils.Cluster is removed mid-run: the engine re-places
 its actors on the two nodes left (auto re-cuts the groups for the CPUs left), restores the last
-checkpoint and ends with the undisturbed numbers."""
+checkpoint and ends with the undisturbed numbers; with --on-failure continue / replace nobody rewinds."""
+
+import collections
 
 import pytest
 
-from relay_ray.config import EngineOptions
+from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.engine import Engine
 from relay_ray.experiment import build_experiment
 from relay_ray.simulate import simulate
+from tests.test_failures import _computed, _once, _run
 from tests.test_recovery import _assert_close_rows, _config, _rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -49,3 +52,39 @@ def test_removed_node_restarts_workers_on_the_surviving_nodes(ray_three_nodes, t
     assert len(notes) == 1 and "from checkpoint step 20" in notes[0], notes
     assert summary["restarts"] == 1
     _assert_close_rows(_rows(tmp_path / "ray"), _rows(tmp_path / "local"), 1e-6)
+
+
+def test_removed_node_continue_and_replace(ray_three_nodes, tmp_path, capsys):
+    """A whole node goes: continue goes on with the workers of the other nodes; replace starts
+    fresh actors for the lost ranks on the nodes left (their bundles are re-placed by Ray)."""
+    cluster = ray_three_nodes
+    for mode in ("continue", "replace"):
+        config = RunConfig(algorithm="relaysgd", num_workers=6, dataset="digits", alpha=0.1, model="logreg", steps=60,
+                           eval_every=20, seed=5, lr=0.1, tree="double-binary", backend="ray", out=None)
+        state = {"removed": None, "ranks": None}
+
+        def remove_a_used_node(engine):
+            nodes = engine.node_ids()
+            victim = next(node for node in cluster.worker_nodes if node.node_id in nodes)
+            state["ranks"] = [rank for rank, node in enumerate(nodes) if node == victim.node_id]
+            cluster.remove_node(victim)
+            state["removed"] = victim.node_id
+
+        log = tmp_path / f"{mode}.log"
+        try:
+            # 3 actors of 2 workers, 1 CPU each, spread: a node left with a free CPU can take a replacement
+            summary = _run(config, EngineOptions(workers_per_actor=2, cpus_per_actor=1, on_failure=mode),
+                           _once(27, remove_a_used_node), log)
+        finally:
+            if state["removed"] is not None:  # the cluster is the module's: give the next run its 3 nodes back
+                cluster.add_node(num_cpus=2, num_gpus=1)
+                cluster.wait_for_nodes()
+        assert summary["restarts"] == 0 and len(summary["failures"]) == 1, capsys.readouterr().err
+        computed = _computed(log)
+        assert all(c == 1 for steps in computed.values() for c in collections.Counter(steps).values())
+        lost = summary["failures"][0]["lost_workers" if mode == "continue" else "replaced"]
+        assert lost == state["ranks"]
+        assert summary["workers_at_end"] == (4 if mode == "continue" else 6)
+        for rank in set(range(6)) - set(lost):
+            assert sorted(computed[rank]) == list(range(1, 61))
+        assert summary["final"]["step"] == 60 and summary["final"]["test_acc_worst"] > 0.5

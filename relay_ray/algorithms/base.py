@@ -25,6 +25,13 @@ class CommPlan:
     neighbors: tuple[tuple[int, ...], ...]
     gossip_weights: np.ndarray | None = None
     tree_neighbors: tuple[tuple[tuple[int, ...], ...], ...] = ()  # [tree][worker] -> neighbours
+    # the ranks still training (None: all); a plan after a worker died (--on-failure continue) keeps
+    # the original rank numbers, the dead ranks without neighbours, and averages over the members
+    members: tuple[int, ...] | None = None
+
+    @property
+    def num_members(self) -> int:
+        return self.num_workers if self.members is None else len(self.members)
 
     @property
     def num_edges(self) -> int:
@@ -64,7 +71,7 @@ class Algorithm:
     def __init__(self, rank: int, plan: CommPlan, x0: np.ndarray, optimizer: NesterovSGD):
         self.rank = rank
         self.plan = plan
-        self.num_workers = plan.num_workers
+        self.num_workers = plan.num_members  # the n of the averages
         self.neighbors = plan.neighbors[rank]
         self.params = np.array(x0, dtype=np.float32)
         self.optimizer = optimizer

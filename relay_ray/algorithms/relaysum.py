@@ -154,6 +154,13 @@ class RelaySGD(_RelayAlgorithm):
             params[coords] = (total + (n - count) * fill_model[coords]) / n
         self.params = params
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "fill": self.fill}  # --on-failure switches it to current mid-run
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.fill = state.get("fill", self.fill)
+
 
 class RelaySumGrad(_RelayAlgorithm):
     """RelaySum/Grad: relay the updates u; x^{t+1} = x^t + (sum of updates seen) / n."""

@@ -49,7 +49,10 @@ class GroupActor:
         self.group = group_cls(*group_args)
 
     def step(self, has_inbox: bool, *bundles):
-        return _returns([off_driver(bundle) for bundle in self.group.step(has_inbox, *resolved(bundles))])
+        """Returns the steps taken (a small int the driver reads to notice a dead worker within its
+        window), then one bundle per outgoing link."""
+        sent = [off_driver(bundle) for bundle in self.group.step(has_inbox, *resolved(bundles))]
+        return _returns([self.group.step_count, *sent])
 
     def receive(self, *bundles) -> None:
         self.group.receive(*resolved(bundles))
@@ -75,6 +78,21 @@ class GroupActor:
 
     def load_checkpoint(self, directory: str) -> int:
         return self.group.load_checkpoint(directory)
+
+    def status(self) -> tuple[int, bool]:
+        return self.group.status()
+
+    def params_of(self, rank: int):
+        return off_driver(self.group.params_of(rank))
+
+    def set_fill(self, fill) -> None:
+        self.group.set_fill(fill)
+
+    def reconfigure(self, *args) -> None:
+        self.group.reconfigure(*args)
+
+    def adopt(self, step: int, fill, *models) -> None:
+        self.group.adopt(step, fill, *resolved(models))
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

@@ -38,6 +38,24 @@ from relay_ray.experiment import Experiment, build_experiment
 from relay_ray.group import GroupLayout, WorkerGroup
 from relay_ray.metrics import Progress, RunRecorder, check_divergence, eval_row, summarize
 
+SURVIVE_TIMEOUT_S = 120  # for the survivors' last steps and a replacement actor's start
+
+
+class _CannotSurvive(Exception):
+    """--on-failure continue/replace cannot go on in place; the engine restarts instead (one line says why)."""
+
+
+def _nearest_alive(plan, rank: int, dead: set[int]) -> int:
+    """The closest rank to ``rank`` in the plan's graph that is not in ``dead`` (breadth-first)."""
+    seen, frontier = {rank}, [rank]
+    while frontier:
+        frontier = [j for i in frontier for j in plan.neighbors[i] if j not in seen and not seen.add(j)]
+        alive = sorted(j for j in frontier if j not in dead)
+        if alive:
+            return alive[0]
+    raise _CannotSurvive(f"worker {rank} has no surviving neighbour")
+
+
 OnStep = Callable[["Engine", int], None]
 OnProgress = Callable[["Engine", int, "dict | None", "Checkpoint | None"], None]
 
@@ -75,7 +93,11 @@ class Engine:
         self.actors: list = []
         self.restarts = 0
         self.outboxes: list[list] | None = None  # per group, the refs of the last submitted step's bundles
-        self.in_flight: collections.deque[list] = collections.deque()  # refs of the steps not yet awaited
+        self.in_flight: collections.deque[list] = collections.deque()  # per step, its tasks' step counts (small refs)
+        self.history: collections.deque[tuple[int, list[list]]] = collections.deque()  # (step, outboxes), recent
+        self.submitted = 0  # the last step submitted
+        self.members: list[int] | None = None  # the ranks still training after --on-failure continue (None: all)
+        self.failures: list[dict] = []  # the failures survived without a restart
         self.data_ref = ray.put(self.experiment.task_data)  # once; actors read it zero-copy
         started = time.perf_counter()
         self._place()
@@ -102,20 +124,21 @@ class Engine:
     def _start_actors(self) -> None:
         """Spawn the actors and wait until each is up, so start-up is not billed to training time
         and a worker that cannot start fails here."""
-        exp, shape = self.experiment, self.shape
-        self.actors = [
-            RemoteGroupActor.options(
-                num_cpus=shape.cpus, num_gpus=shape.gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=self.first_bundle + g),
-            ).remote(self.group_cls, [exp.worker_spec(rank) for rank in ranks], self.data_ref, shape.threads,
-                     self.layout, g)
-            for g, ranks in enumerate(self.layout.groups)
-        ]
+        self.actors = [self._start_actor(g) for g in range(len(self.layout.groups))]
         try:
             _fetch([actor.ping.remote() for actor in self.actors])
         except RayError as exc:
             raise WorkerFailure(f"a worker failed to start: {_first_line(exc)}") from None
+
+    def _start_actor(self, g: int):
+        """Group g's actor in its bundle of the placement group."""
+        shape = self.shape
+        return RemoteGroupActor.options(
+            num_cpus=shape.cpus, num_gpus=shape.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=self.first_bundle + g),
+        ).remote(self.group_cls, [self.experiment.worker_spec(rank) for rank in self.layout.groups[g]], self.data_ref,
+                 shape.threads, self.layout, g)
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -131,6 +154,7 @@ class Engine:
     def _restart_actors(self) -> None:
         """New actors for all workers, in a new placement group sized for the nodes still alive."""
         self.shutdown()
+        self.members = None
         if self.owns_pg:
             try:
                 self._place()
@@ -144,36 +168,45 @@ class Engine:
         return [node for node, ranks in zip(nodes, self.layout.groups) for _ in ranks]
 
     # ---------------------------------------------------------------- dataflow
-    def _submit_step(self, outboxes: list[list] | None) -> list[list]:
-        """One task per group; returns, per group, the refs of its bundles of crossing messages."""
+    def _step_task(self, g: int, has_inbox: bool, inbox: list) -> tuple[object, list]:
+        """Submit group g's step: the ref of its step count and the refs of its outgoing bundles."""
+        sends = len(self.layout.outgoing[g])
+        refs = self.actors[g].step.options(num_returns=1 + sends).remote(has_inbox, *inbox)
+        refs = list(refs) if sends else [refs]
+        return refs[0], refs[1:]
+
+    def _submit_step(self, outboxes: list[list] | None) -> tuple[list[list], list]:
+        """One task per group; returns, per group, the refs of its bundles of crossing messages, and
+        the refs of the groups' step counts."""
         inboxes = self.layout.route(outboxes) if outboxes is not None else [[] for _ in self.actors]
-        new = []
-        for g, (actor, inbox) in enumerate(zip(self.actors, inboxes)):
-            returns = max(1, len(self.layout.outgoing[g]))
-            refs = actor.step.options(num_returns=returns).remote(outboxes is not None, *inbox)
-            new.append(list(refs) if returns > 1 else [refs])
-        return new
+        tasks = [self._step_task(g, outboxes is not None, inbox) for g, inbox in enumerate(inboxes)]
+        return [bundles for _, bundles in tasks], [done for done, _ in tasks]
 
     def _advance(self) -> float:
-        """Submit the next step; when more than ``window`` steps are in flight, wait (without
-        fetching) for the oldest: back-pressure, so workers wait only for their neighbours.
+        """Submit the next step; when more than ``window`` steps are in flight, wait for the oldest
+        and read its step counts (small ints; a dead worker raises here, within ``window`` steps):
+        back-pressure, so workers wait only for their neighbours.  The bundles stay where they are.
         Returns the seconds spent submitting (the driver's own work, not the waiting)."""
         started = time.perf_counter()
-        self.outboxes = self._submit_step(self.outboxes)
-        self.in_flight.append([ref for refs in self.outboxes for ref in refs])
+        self.outboxes, done = self._submit_step(self.outboxes)
+        self.submitted += 1
+        self.history.append((self.submitted, self.outboxes))
+        while len(self.history) > self._history_steps:
+            self.history.popleft()
+        self.in_flight.append(done)
         submitted = time.perf_counter() - started
         if len(self.in_flight) > self.options.window:
-            oldest = self.in_flight.popleft()
-            ray.wait(oldest, num_returns=len(oldest), fetch_local=False)
+            _fetch(self.in_flight.popleft())
         return submitted
 
     def _settle(self) -> None:
         """A step boundary: every worker finishes its averaging; nothing stays in flight."""
+        while self.in_flight:
+            self._guarded(_fetch, self.in_flight.popleft(), self.submitted)
         if self.outboxes is not None:
             for actor, inbox in zip(self.actors, self.layout.route(self.outboxes)):
                 actor.receive.remote(*inbox)
         self.outboxes = None
-        self.in_flight.clear()
 
     def run_steps(self, count: int) -> dict:
         """Take ``count`` training steps and nothing else (no evaluation, checkpoint or metrics file),
@@ -181,14 +214,14 @@ class Engine:
         Returns the wall seconds and the driver's own seconds spent submitting."""
         started = time.perf_counter()
         submit_s = sum(self._advance() for _ in range(count))
-        for refs in self.in_flight:
-            ray.wait(refs, num_returns=len(refs), fetch_local=False)
+        while self.in_flight:
+            _fetch(self.in_flight.popleft())
         return {"wall_s": time.perf_counter() - started, "submit_s": submit_s}
 
     def _evaluate(self, step: int, wall_start: float) -> dict:
         """Per-worker metrics, and the averaged model and consensus distance from per-group partial
         sums: no actor receives n models (DESIGN §4)."""
-        n = self.config.num_workers
+        n = self.num_members
         metric_refs = [actor.evaluate.remote() for actor in self.actors]
         mean = self.actors[0].mean_model.remote(n, *[actor.params_sum.remote() for actor in self.actors])
         deviation_refs = [actor.squared_deviation.remote(mean) for actor in self.actors]
@@ -197,6 +230,16 @@ class Engine:
         consensus = sum(self._guarded(_fetch, deviation_refs, step)) / n
         return eval_row(step, per_worker, self._guarded(_fetch, average_ref, step), consensus,
                         time.perf_counter() - wall_start, self._metric())
+
+    @property
+    def _history_steps(self) -> int:
+        """Steps of bundles kept for a recovery in place: every survivor is at most ``window`` + 1
+        steps behind the last one submitted when a failure surfaces (none are kept for restart)."""
+        return 0 if self.options.on_failure == "restart" else self.options.window + 3
+
+    @property
+    def num_members(self) -> int:
+        return self.config.num_workers if self.members is None else len(self.members)
 
     def _metric(self) -> str:
         return "test_acc" if self.config.dataset != "quadratics" else "suboptimality"
@@ -250,7 +293,9 @@ class Engine:
                start: float) -> None:
         """Steps ``first`` .. total-1: submit, evaluate and checkpoint at step boundaries."""
         config, total = self.config, self.experiment.total_steps
-        self.outboxes, self.in_flight = None, collections.deque()
+        self.outboxes, self.in_flight, self.history, self.submitted = None, collections.deque(), collections.deque(), first
+        if self.members is not None:
+            checkpoints = None  # a checkpoint holds every rank; the survivors' plan is not the run's
         for step in range(first + 1, total + 1):
             try:
                 self._advance()
@@ -289,46 +334,190 @@ class Engine:
                                engine=self.describe())
         checkpoints = CheckpointStore.for_run(config, experiment.plan, latest=resume)
         bar = Progress(experiment.total_steps, f"{config.algorithm} (ray)", enabled=progress)
-        restore = resume
+        restore, first = resume, None  # first: the step to go on from; None = load ``restore`` first
         try:
             while True:
                 try:
-                    if restore is not None:
-                        self._load_checkpoint(restore)
-                    first = restore.step if restore else 0
-                    recorder.truncate(first)  # a replay records its rows again
-                    bar.rewind(first)
+                    if first is None:
+                        if restore is not None:
+                            self._load_checkpoint(restore)
+                        first = restore.step if restore else 0
+                        recorder.truncate(first)  # a replay records its rows again
+                        bar.rewind(first)
                     self._train(first, recorder, checkpoints, bar, start)
                     break
                 except WorkerFailure as failure:
                     if not failure.dead:
                         raise  # no actor died: restarting would replay the same error
+                    why = None
+                    if self.options.on_failure != "restart":
+                        try:
+                            first = self._survive(failure, recorder, bar, start)
+                            continue
+                        except (_CannotSurvive, WorkerFailure) as exc:
+                            why = str(exc)
                     if self.restarts >= limit:
                         raise WorkerFailure(f"{failure}; gave up after {self.restarts} restart(s) "
                                             f"(--max-restarts {limit})") from None
                     self.restarts += 1
-                    restore = checkpoints.latest if checkpoints is not None else resume
+                    restore, first = (checkpoints.latest if checkpoints is not None else resume), None
                     where = f"checkpoint step {restore.step}" if restore else "step 0 (no checkpoint yet)"
-                    bar.note(f"relay-ray: {failure}; restarting all workers from {where} "
+                    instead = f"cannot {self.options.on_failure} ({why}); " if why else ""
+                    bar.note(f"relay-ray: {failure}; {instead}restarting all workers from {where} "
                              f"(restart {self.restarts} of {limit})")
                     self._restart_actors()
         except Diverged as exc:
-            exc.summary = summarize(experiment, recorder.rows, time.perf_counter() - start, "ray",
-                                    startup_s=self.startup_s, restarts=self.restarts, engine=self.describe(),
-                                    diverged=str(exc))
+            exc.summary = self._summary(recorder, start, diverged=str(exc))
             recorder.finish(exc.summary)
             raise
         finally:
             bar.close()
-        summary = summarize(experiment, recorder.rows, time.perf_counter() - start, "ray", startup_s=self.startup_s,
-                            restarts=self.restarts, engine=self.describe())
+        summary = self._summary(recorder, start)
         recorder.finish(summary)
         return summary
+
+    def _summary(self, recorder: RunRecorder, start: float, **extra) -> dict:
+        if self.failures:
+            extra["failures"] = self.failures
+            extra["workers_at_end"] = self.num_members
+        return summarize(self.experiment, recorder.rows, time.perf_counter() - start, "ray", startup_s=self.startup_s,
+                         restarts=self.restarts, engine=self.describe(), **extra)
+
+    # ---------------------------------------------------------------- surviving a failure in place
+    def _survive(self, failure: WorkerFailure, recorder: RunRecorder, bar: Progress, start: float) -> int:
+        """--on-failure continue / replace: nobody rewinds.  Every surviving group is brought to the
+        newest step any survivor reached (its missing steps computed once, the dead workers'
+        messages counted as lost), finishes its averaging, then goes on without the dead workers
+        (continue: a plan re-spanned over the survivors) or with fresh ones in their place
+        (replace: each starts from its nearest surviving neighbour's model).  Returns that step."""
+        mode, layout = self.options.on_failure, self.layout
+        dead = set(failure.dead)
+        dead_groups = [g for g, ranks in enumerate(layout.groups) if dead & set(ranks)]
+        alive = [g for g in range(len(self.actors)) if g not in dead_groups]
+        if not alive:
+            raise _CannotSurvive("no worker survived")
+        at, settled, step = self._survivors_state(alive)
+        self._catch_up(alive, dead_groups, at, settled)
+        step = max(at.values())
+        lost = sorted(rank for g in dead_groups for rank in layout.groups[g])
+        who = f"worker {lost[0]}" if len(lost) == 1 else f"workers {lost}"
+        if mode == "continue":
+            note = self._continue_without(alive, lost)
+            bar.note(f"relay-ray: {failure}; continuing from step {step} with {self.num_members} workers "
+                     f"({who} and {'its' if len(lost) == 1 else 'their'} data lost; no rollback{note})")
+        else:
+            donors = self._replace(dead_groups, step)
+            bar.note(f"relay-ray: {failure}; replaced {who} at step {step}, starting from the model of "
+                     f"{', '.join(f'worker {d}' for d in sorted(set(donors.values())))} (no rollback)")
+        self.failures.append({"mode": mode, "step": step, "lost_workers" if mode == "continue" else "replaced": lost,
+                              "cause": str(failure)})
+        bar.rewind(step)
+        if self.config.evaluates_at(step, self.experiment.total_steps) and \
+                not (recorder.rows and recorder.rows[-1]["step"] >= step):
+            row = self._evaluate(step, start)
+            recorder.record(row)
+            bar.report(row)
+            check_divergence(row)
+        return step
+
+    def _survivors_state(self, alive: list[int]) -> tuple[dict, dict, int]:
+        """Wait for every task in flight (a task whose input died fails without running), then
+        each surviving group's step count and whether it has received its last step's messages."""
+        pending = [ref for done in self.in_flight for ref in done]
+        self.in_flight.clear()
+        _, unfinished = ray.wait(pending, num_returns=len(pending), timeout=SURVIVE_TIMEOUT_S)
+        if unfinished:
+            raise _CannotSurvive(f"the survivors' steps did not finish within {SURVIVE_TIMEOUT_S} s")
+        states = self._guarded(_fetch, [self.actors[g].status.remote() for g in alive], self.submitted)
+        at = {g: state[0] for g, state in zip(alive, states)}
+        settled = {g: state[1] for g, state in zip(alive, states)}
+        return at, settled, max(at.values())
+
+    def _catch_up(self, alive: list[int], dead_groups: list[int], at: dict, settled: dict) -> None:
+        """Steps min(at)+1 .. max(at) for the survivors behind, then every survivor's averaging at
+        max(at); each survivor computes each of its steps exactly once.  ``at``/``settled`` are updated."""
+        history = dict(self.history)
+        lost = [[[None] * len(edges) for _, edges in self.layout.outgoing[g]] for g in dead_groups]
+
+        def inboxes_at(s: int) -> list[list]:
+            if s not in history:
+                raise _CannotSurvive(f"step {s}'s messages are no longer kept (a window of {self.options.window})")
+            boxes = list(history[s])
+            for g, bundles in zip(dead_groups, lost):
+                boxes[g] = bundles
+            return self.layout.route(boxes)
+
+        last = max(at.values())
+        for s in range(min(at.values()) + 1, last + 1):
+            behind = [g for g in alive if at[g] == s - 1]
+            inboxes = inboxes_at(s - 1) if any(not settled[g] for g in behind) else None
+            boxes, done = list(history[s]), []
+            for g in behind:
+                count, boxes[g] = self._step_task(g, not settled[g], inboxes[g] if not settled[g] else [])
+                done.append(count)
+                at[g], settled[g] = s, False
+            history[s] = boxes
+            self._guarded(_fetch, done, s)
+        unsettled = [g for g in alive if not settled[g]]
+        if unsettled:
+            inboxes = inboxes_at(last)
+            self._guarded(_fetch, [self.actors[g].receive.remote(*inboxes[g]) for g in unsettled], last)
+        self.outboxes = None
+
+    def _continue_without(self, alive: list[int], lost: list[int]) -> str:
+        """The survivors take the re-spanned plan; the dead actors are let go."""
+        from relay_ray.respan import CannotRespan, survivor_plan
+
+        members = sorted(set(self.members if self.members is not None else range(self.config.num_workers)) - set(lost))
+        try:
+            survivors = survivor_plan(self.experiment, members)
+        except CannotRespan as exc:
+            raise _CannotSurvive(str(exc)) from None
+        layout = GroupLayout.from_groups(survivors.plan, [self.layout.groups[g] for g in alive])
+        fill = "current" if self.config.algorithm == "relaysgd" else None
+        self._guarded(_fetch, [self.actors[g].reconfigure.remote(survivors.plan, layout, i, survivors.lr_scale, fill)
+                               for i, g in enumerate(alive)], self.submitted)
+        for g in set(range(len(self.actors))) - set(alive):
+            self._let_go(self.actors[g])
+        self.actors, self.layout, self.members = [self.actors[g] for g in alive], layout, members
+        scale = f"; lr x{survivors.lr_scale:.3g} for the new tree" if self.config.algorithm == "relaysgd" else ""
+        return f"{scale}; checkpoints stop" if self.config.checkpoint_every else scale
+
+    def _replace(self, dead_groups: list[int], step: int) -> dict[int, int]:
+        """Fresh actors in the dead groups' bundles; each of their workers adopts the model of its
+        nearest surviving neighbour in the plan.  Returns {replaced rank: donor rank}."""
+        plan, exp = self.experiment.plan, self.experiment
+        dead_ranks = {rank for g in dead_groups for rank in self.layout.groups[g]}
+        group_of = {rank: g for g, ranks in enumerate(self.layout.groups) for rank in ranks}
+        fresh = {g: self._start_actor(g) for g in dead_groups}
+        try:
+            _fetch([actor.ping.remote() for actor in fresh.values()], timeout=SURVIVE_TIMEOUT_S)
+        except (RayError, TimeoutError) as exc:
+            for actor in fresh.values():
+                self._let_go(actor)
+            raise _CannotSurvive(f"a replacement did not start: {_first_line(exc)}") from None
+        donors = {rank: _nearest_alive(plan, rank, dead_ranks) for rank in sorted(dead_ranks)}
+        fill = "current" if self.config.algorithm == "relaysgd" else None
+        adopted = [fresh[g].adopt.remote(step, fill, *[self.actors[group_of[donors[r]]].params_of.remote(donors[r])
+                                                       for r in self.layout.groups[g]]) for g in dead_groups]
+        survivors = [actor.set_fill.remote(fill) for g, actor in enumerate(self.actors) if g not in fresh]
+        self._guarded(_fetch, adopted + survivors, step)
+        for g, actor in fresh.items():
+            self._let_go(self.actors[g])
+            self.actors[g] = actor
+        return donors
+
+    @staticmethod
+    def _let_go(actor) -> None:
+        try:
+            ray.kill(actor)
+        except ActorHandleNotFoundError:
+            pass
 
     def describe(self) -> dict:
         """How this run executes (saved in config.yaml and summary.json)."""
         return {**self.shape.to_dict(), "placement": self.options.placement, "window": self.options.window,
-                "max_restarts": self.options.max_restarts}
+                "max_restarts": self.options.max_restarts, "on_failure": self.options.on_failure}
 
 
 def connect(address: str | None = None) -> bool:
