@@ -14,6 +14,7 @@ import yaml
 from relay_ray.algorithms import ALGORITHMS, FILL_RULES, TREE_ALGORITHMS
 from relay_ray.errors import UserError
 from relay_ray.names import DATASETS, MODELS
+from relay_ray.straggle import Straggle
 from relay_ray.topology import GRAPHS, TREES
 
 TASKS = DATASETS + ("quadratics",)
@@ -375,6 +376,11 @@ class EngineOptions:
         "rewinds everyone); continue = the survivors go on from their current models without the dead workers "
         "(their data shards are lost; relays re-span the tree); replace = fresh workers take the dead ranks, "
         "starting from a neighbour's current model; nobody rewinds (default: restart)", choices=ON_FAILURE)
+    straggle: str | None = setting(
+        None, "inject compute delays to study stragglers (wall time only, never the numbers): "
+        "slow:RANKS:SECONDS (those workers take SECONDS longer every step, e.g. slow:3,7:0.05) and/or "
+        "jitter:SECONDS (every worker, every step, an exponential delay with that mean, seeded), joined by + "
+        "(default: none)", metavar="SPEC")
 
     def __post_init__(self) -> None:
         if self.workers_per_actor != WORKERS_PER_ACTOR_AUTO:
@@ -395,6 +401,7 @@ class EngineOptions:
             raise UserError(f"--window must be >= 1, got {self.window}")
         if self.max_restarts < 0:
             raise UserError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        Straggle.parse(self.straggle)  # the spec's syntax, before anything starts
 
 
 # What each setting may be in a YAML file (a sweep or a run config), derived from the annotations:

@@ -10,10 +10,13 @@ the driver only ever holds refs, whatever the model size (DESIGN §4).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import ray
 
 from relay_ray.group import WorkerGroup
+from relay_ray.straggle import Straggle
 
 # Ray's max_direct_call_object_size (100 KiB): returns up to this size are inlined to the caller
 INLINE_RETURN_BYTES = 100 * 1024
@@ -45,12 +48,16 @@ def _returns(values: list):
 class GroupActor:
     """One worker group in an actor; every method is one task of the engine's dataflow."""
 
-    def __init__(self, group_cls: type[WorkerGroup], *group_args):
+    def __init__(self, group_cls: type[WorkerGroup], *group_args, straggle: Straggle | None = None):
         self.group = group_cls(*group_args)
+        self.straggle = straggle
 
     def step(self, has_inbox: bool, *bundles):
         """Returns the steps taken (a small int the driver reads to notice a dead worker within its
-        window), then one bundle per outgoing link."""
+        window), then one bundle per outgoing link.  ``--straggle`` delays are slept here, outside
+        the pure code, so they cost wall time and never change a number."""
+        if self.straggle is not None:
+            time.sleep(self.straggle.group_seconds(self.group.ranks, self.group.step_count + 1))
         sent = [off_driver(bundle) for bundle in self.group.step(has_inbox, *resolved(bundles))]
         return _returns([self.group.step_count, *sent])
 

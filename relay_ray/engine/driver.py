@@ -37,6 +37,7 @@ from relay_ray.errors import Diverged, UserError, WorkerFailure
 from relay_ray.experiment import Experiment, build_experiment
 from relay_ray.group import GroupLayout, WorkerGroup
 from relay_ray.metrics import Progress, RunRecorder, check_divergence, eval_row, summarize
+from relay_ray.straggle import Straggle
 
 SURVIVE_TIMEOUT_S = 120  # for the survivors' last steps and a replacement actor's start
 
@@ -98,6 +99,7 @@ class Engine:
         self.submitted = 0  # the last step submitted
         self.members: list[int] | None = None  # the ranks still training after --on-failure continue (None: all)
         self.failures: list[dict] = []  # the failures survived without a restart
+        self.straggle = Straggle.parse(self.options.straggle, config.seed, config.num_workers)
         self.data_ref = ray.put(self.experiment.task_data)  # once; actors read it zero-copy
         started = time.perf_counter()
         self._place()
@@ -138,7 +140,7 @@ class Engine:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=self.first_bundle + g),
         ).remote(self.group_cls, [self.experiment.worker_spec(rank) for rank in self.layout.groups[g]], self.data_ref,
-                 shape.threads, self.layout, g)
+                 shape.threads, self.layout, g, straggle=self.straggle)
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -517,7 +519,8 @@ class Engine:
     def describe(self) -> dict:
         """How this run executes (saved in config.yaml and summary.json)."""
         return {**self.shape.to_dict(), "placement": self.options.placement, "window": self.options.window,
-                "max_restarts": self.options.max_restarts, "on_failure": self.options.on_failure}
+                "max_restarts": self.options.max_restarts, "on_failure": self.options.on_failure,
+                **({"straggle": self.options.straggle} if self.options.straggle else {})}
 
 
 def connect(address: str | None = None) -> bool:
