@@ -10,11 +10,15 @@ is the slowest worker's) — the window absorbs *transient* delays (jitter), not
 Digits, 16 workers, Dirichlet alpha (default 0.01), 2 workers per actor (8 actors), embedded Ray on
 this machine.  Straggle specs (relay_ray/straggle.py): `slow:RANKS:S` adds S seconds to every step
 of those workers; `jitter:S` adds an exponential delay with mean S to every worker's every step,
-seeded by (seed, step, rank) so every algorithm sees the same delays.  Per row: seconds until the
-mean worker accuracy first reaches the target (evaluated every `--eval-every` steps; the evaluation
-time is included the same way for every row), total wall seconds and steps/s.
+seeded by (seed, step, rank) so every algorithm sees the same delays.
 
-    .venv/bin/python benchmarks/stragglers.py               # ~8 min on 2 cores
+Delays never change a number, so the step at which an algorithm first reaches the target mean
+worker accuracy is found once, in process (evaluating every step).  Each (straggle, window) row
+then times exactly that many steps on the Ray engine with no evaluation in between (an evaluation
+is a step boundary, a barrier that would hide what the window does): `Engine.run_steps`, the loop
+of `Engine.run`.  An algorithm that never reaches the target is timed over the whole run.
+
+    .venv/bin/python benchmarks/stragglers.py               # ~6 min on 2 cores
 
 Writes the "Stragglers" section of RESULTS.md and prints it.
 """
@@ -22,9 +26,10 @@ Writes the "Stragglers" section of RESULTS.md and prints it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
-import time
+from pathlib import Path
 
 import pandas as pd
 
@@ -34,59 +39,60 @@ ALGORITHMS = ("relaysgd", "dsgd", "allreduce")
 SECTION = "## Stragglers (`benchmarks/stragglers.py`)"
 
 
-def one_run(args, algorithm: str, straggle: str | None, window: int) -> dict:
-    from relay_ray.config import EngineOptions, RunConfig
+def _config(args, algorithm: str, backend: str, out: str):
+    from relay_ray.config import RunConfig
+
+    return RunConfig(algorithm=algorithm, num_workers=16, dataset="digits", alpha=args.alpha, epochs=args.epochs,
+                     seed=args.seed, eval_every=1, backend=backend, out=out)
+
+
+def target_step(args, algorithm: str) -> tuple[int | None, int, float]:
+    """(first step whose mean worker accuracy reaches the target or None, the run's steps, final mean)."""
+    from relay_ray.simulate import simulate
+
+    with tempfile.TemporaryDirectory() as out:
+        summary = simulate(_config(args, algorithm, "local", out), progress=False)
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    reached = next((row["step"] for row in rows if row["test_acc_mean"] >= args.target), None)
+    return reached, summary["steps"], summary["final"]["test_acc_mean"]
+
+
+def timed_steps(args, algorithm: str, steps: int, straggle: str | None, window: int) -> float:
+    """Wall seconds for ``steps`` steps on the engine (its start excluded)."""
+    from relay_ray.config import EngineOptions
     from relay_ray.engine import Engine
     from relay_ray.experiment import build_experiment
 
     with tempfile.TemporaryDirectory() as out:
-        config = RunConfig(algorithm=algorithm, num_workers=16, dataset="digits", alpha=args.alpha,
-                           epochs=args.epochs, seed=args.seed, eval_every=args.eval_every, backend="ray", out=out)
-        experiment = build_experiment(config)
-        options = EngineOptions(workers_per_actor=2, window=window, straggle=straggle)
-        engine = Engine(config, experiment, options)
+        config = _config(args, algorithm, "ray", out)
+        engine = Engine(config, build_experiment(config),
+                        EngineOptions(workers_per_actor=2, window=window, straggle=straggle))
         try:
-            started = time.perf_counter()
-            summary = engine.run(progress=False)
-            wall = time.perf_counter() - started
+            return engine.run_steps(steps)["wall_s"]
         finally:
             engine.shutdown()
-        rows = _rows(out)
-    reached = next((row for row in rows if row["test_acc_mean"] >= args.target), None)
-    return {"algorithm": algorithm, "straggle": straggle or "none", "window": window,
-            "to_target_s": reached["wall_s"] if reached else None, "to_target_step": reached["step"] if reached else None,
-            "wall_s": wall, "steps_per_s": summary["steps"] / wall, "final_mean": summary["final"]["test_acc_mean"],
-            "final_worst": summary["final"]["test_acc_worst"]}
-
-
-def _rows(out: str) -> list[dict]:
-    import json
-    from pathlib import Path
-
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def table(frame: pd.DataFrame, target: float) -> str:
-    lines = [f"| algorithm | straggle | window | s to mean acc ≥ {target} | (step) | wall s | steps/s | "
-             "final mean acc | final worst acc |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| algorithm | step mean acc ≥ {target} | straggle | window | s to target | ms per step |",
+             "|---|---|---|---|---|---|"]
     for _, row in frame.iterrows():
-        reached = f"{row['to_target_s']:.1f}" if pd.notna(row["to_target_s"]) else "not reached"
-        step = f"{int(row['to_target_step'])}" if pd.notna(row["to_target_step"]) else "–"
-        lines.append(f"| {row['algorithm']} | `{row['straggle']}` | {row['window']} | {reached} | {step} | "
-                     f"{row['wall_s']:.1f} | {row['steps_per_s']:.1f} | {row['final_mean']:.3f} | "
-                     f"{row['final_worst']:.3f} |")
+        step = f"{int(row['target_step'])}" if pd.notna(row["target_step"]) else \
+            f"never (final {row['final_mean']:.3f})"
+        seconds = f"{row['wall_s']:.1f}" if pd.notna(row["target_step"]) else f"– ({row['wall_s']:.1f} s for {row['steps']})"
+        lines.append(f"| {row['algorithm']} | {step} | `{row['straggle']}` | {row['window']} | {seconds} | "
+                     f"{1000 * row['wall_s'] / row['steps']:.0f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=float, default=30, help="epochs over a worker's shard (30 = 90 steps)")
+    parser.add_argument("--epochs", type=float, default=20, help="epochs over a worker's shard (20 = 60 steps)")
     parser.add_argument("--alpha", type=float, default=0.01)
-    parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--target", type=float, default=0.9, help="mean worker test accuracy to reach")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
-    parser.add_argument("--straggles", nargs="+", default=["none", "slow:5:0.05", "jitter:0.02"],
+    parser.add_argument("--straggles", nargs="+", default=["none", "slow:5:0.2", "jitter:0.1"],
                         help="straggle specs to compare ('none' = no injected delay)")
     parser.add_argument("--windows", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args(argv)
@@ -94,18 +100,22 @@ def main(argv: list[str] | None = None) -> None:
 
     from relay_ray.engine import quiet
 
+    targets = {algorithm: target_step(args, algorithm) for algorithm in args.algorithms}
     start_ray(num_cpus=2)
     quiet.divert_ray_noise()
     results = []
     try:
-        for straggle in args.straggles:
-            for algorithm in args.algorithms:
+        for algorithm in args.algorithms:
+            reached, total, final = targets[algorithm]
+            steps = reached or total
+            for straggle in args.straggles:
                 for window in args.windows:
-                    row = one_run(args, algorithm, None if straggle == "none" else straggle, window)
-                    results.append(row)
-                    print(f"{algorithm:<10} {row['straggle']:<14} window {window}: to target {row['to_target_s']} s, "
-                          f"wall {row['wall_s']:.1f} s, {row['steps_per_s']:.1f} steps/s, "
-                          f"final mean {row['final_mean']:.3f}", file=sys.stderr, flush=True)
+                    wall = timed_steps(args, algorithm, steps, None if straggle == "none" else straggle, window)
+                    results.append({"algorithm": algorithm, "target_step": reached, "final_mean": final,
+                                    "straggle": straggle, "window": window, "steps": steps, "wall_s": wall})
+                    print(f"{algorithm:<10} {straggle:<12} window {window}: {steps} steps in {wall:.1f} s "
+                          f"(target {'at step ' + str(reached) if reached else 'never reached'})",
+                          file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
     frame = pd.DataFrame(results)
@@ -115,9 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"`{command}` — {machine()}, load {load_average()}.  Digits, 16 workers, α = {args.alpha}, "
         f"{args.epochs:g} epochs, seed {args.seed}, 2 workers per actor (8 actors; a group sleeps for the sum of its "
-        f"workers' delays), evaluation every {args.eval_every} steps.  `slow:5:0.05`: worker 5 takes 50 ms more per "
-        "step; `jitter:0.02`: every worker takes an exponential extra delay with mean 20 ms per step (the same "
-        "draws for every algorithm).  Seconds to target include evaluations and exclude the engine's start.",
+        "workers' delays).  `slow:5:0.2`: worker 5 takes 200 ms more per step; `jitter:0.1`: every worker takes an "
+        "exponential extra delay with mean 100 ms per step (the same draws for every algorithm).  The target step "
+        "comes from an in-process run (delays never change a number); the seconds are that many steps on the Ray "
+        "engine with no evaluation in between, its start excluded.",
         "",
         table(frame, args.target),
     ])
