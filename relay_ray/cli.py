@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from relay_ray import rundir, runner
+from relay_ray import preflight, rundir, runner
 from relay_ray.config import DATA_HELP, EngineOptions, RunConfig, field_kind
 from relay_ray.errors import Diverged, Terminated, UserError, WorkerFailure, raise_terminated
 from relay_ray.runner import ResolvedRun, from_file, from_resume
@@ -114,7 +114,7 @@ def _resolve_run(args: argparse.Namespace) -> ResolvedRun:
                          default="out" not in given and resolved.config.out == args.out)
         return resolved
     rundir.check_out(args.resume, resume=True)
-    return from_resume(args.resume, changed)
+    return from_resume(args.resume, changed, engine_options(args), args.address)
 
 
 def _explicit_dests(argv: list[str] | None) -> set[str]:
@@ -134,6 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     resolved = _resolve_run(args)
     options = engine_options(args)  # every check before the default --out is replaced
     config = resolved.config
+    if resolved.experiment is None:  # (a resumed run was checked before its experiment was built)
+        preflight.check_run(config, options, args.address)
     # the default --out (runs/latest) is the latest run: replaced, with a note; any other is protected
     replace_default = resolved.checkpoint is None and not args.overwrite and config.out == DEFAULT_OUT and \
         Path(DEFAULT_OUT, rundir.RUN_MARKER).exists()
@@ -153,10 +155,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_topology(args: argparse.Namespace) -> int:
     from relay_ray.experiment import build_topology
-    from relay_ray.topology import plot_topology, topology_stats
+    from relay_ray.topology import check_bounded, plot_topology, topology_stats
 
     config = RunConfig(algorithm="relaysgd", topology=args.topology, topology_file=args.topology_file,
                        tree=args.tree, num_workers=args.num_workers, dataset="quadratics", backend="local")
+    check_bounded(config.num_workers)  # before the (complete) graph is built
     graph, trees = build_topology(config)
     stats = topology_stats(graph, trees).to_dict()
     if args.json:

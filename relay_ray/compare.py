@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from relay_ray import runner
+from relay_ray import preflight, runner
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.errors import Diverged
 from relay_ray.experiment import build_experiment
@@ -54,6 +54,9 @@ def _layout(config: RunConfig) -> str:
 def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_dir: str | None = None,
             address: str | None = None, progress: bool = True) -> str:
     """Run every config (same data, split and seed) and return the Markdown table."""
+    preflight.check_out(out_dir)
+    for config in configs:  # runs one after another: each must fit on its own
+        preflight.check_run(config, options, address)
     experiments = [build_experiment(configs[0])]  # validates + loads data once
     for config in configs[1:]:  # every user error surfaces before the first run starts
         experiments.append(build_experiment(config, task_data=experiments[0].task_data))

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay_ray import preflight
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.errors import UserError
 
@@ -30,9 +31,11 @@ def from_file(path: str, changed: dict) -> ResolvedRun:
     return ResolvedRun(RunConfig.from_dict({**RunConfig.load(path).to_dict(), **changed}))
 
 
-def from_resume(run_dir: str, changed: dict) -> ResolvedRun:
+def from_resume(run_dir: str, changed: dict, options: EngineOptions | None = None,
+                address: str | None = None) -> ResolvedRun:
     """Continue the run in ``run_dir`` from its newest complete checkpoint; ``changed`` may only
-    touch settings a resume may change (checked against the checkpoint)."""
+    touch settings a resume may change (checked against the checkpoint).  ``options``/``address``:
+    where it will run, for the checks made before its experiment is built."""
     directory = Path(run_dir)
     if not directory.is_dir():
         raise UserError(f"--resume {run_dir} does not exist or is not a directory")
@@ -42,6 +45,7 @@ def from_resume(run_dir: str, changed: dict) -> ResolvedRun:
         raise UserError(f"--resume continues the run in {run_dir}; drop --out {changed['out']}")
     saved = RunConfig.load(directory / "config.yaml").to_dict()
     config = RunConfig.from_dict({**saved, **changed, "out": str(directory)})
+    preflight.check_run(config, options, address)  # this machine may not be the one that started it
     from relay_ray.checkpoint import find_latest
     from relay_ray.experiment import build_experiment
 
@@ -57,7 +61,12 @@ def from_resume(run_dir: str, changed: dict) -> ResolvedRun:
 
 def run(config: RunConfig, options: EngineOptions | None = None, address: str | None = None, progress: bool = True,
         experiment=None, resume=None) -> dict:
-    """Run one configuration on its backend; returns the summary.  ``resume``: a ``Checkpoint``."""
+    """Run one configuration on its backend; returns the summary.  ``resume``: a ``Checkpoint``.
+
+    Without ``experiment`` the pre-start checks (``preflight``) run first; a caller that builds the
+    experiment itself (``compare``, ``from_resume``) runs them before building it."""
+    if experiment is None:
+        preflight.check_run(config, options, address)
     if config.fill_rule is not None and config.drop_prob > 0:
         print(f"relay-ray: {fill_note(config)}", file=sys.stderr)
     if config.backend == "local":

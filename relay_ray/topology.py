@@ -19,6 +19,12 @@ from relay_ray.errors import UserError
 GRAPHS = ("ring", "chain", "star", "complete", "torus", "binary-tree", "exponential", "social")
 TREES = ("auto", "chain", "binary", "double-binary", "bfs")
 SOCIAL_NUM_WORKERS = 32
+# The statistics of a topology are dense: the gossip matrix is n x n (8 n^2 bytes) and its spectral
+# gap an O(n^3) eigen-decomposition; relay algorithms without --topology, and all-reduce, also build
+# the complete graph (n^2 / 2 edges, ~170 B each in networkx).  At 4096 workers that took 30-50 s and
+# up to 2.3 GB here (2 busy cores; `relay-ray topology` and a run's planning alike); 20000 workers
+# were a MemoryError (3.2 GB per matrix) and 100000 was OOM-killed.  So larger counts are refused.
+MAX_WORKERS = 4096
 
 
 # --------------------------------------------------------------------------------------
@@ -47,6 +53,15 @@ def make_graph(name: str, num_workers: int | None, topology_file: str | None = N
 def _check_num_workers(num_workers: int | None) -> None:
     if num_workers is None or num_workers < 2:
         raise UserError(f"need at least 2 workers, got {num_workers}")
+    check_bounded(num_workers)
+
+
+def check_bounded(num_workers: int) -> None:
+    """One line, before any n x n structure exists, when ``num_workers`` is past ``MAX_WORKERS``."""
+    if num_workers > MAX_WORKERS:
+        gigabytes = 8 * num_workers ** 2 / 1e9
+        raise UserError(f"--workers {num_workers}: at most {MAX_WORKERS} workers; the topology statistics use "
+                        f"dense n x n matrices ({gigabytes:.1f} GB each at n = {num_workers}) and O(n^3) time")
 
 
 def _named_graph(name: str, n: int) -> nx.Graph:
@@ -219,7 +234,35 @@ def spectral_gap(weights: np.ndarray) -> float:
 
 def max_delay(trees: list[nx.Graph]) -> int:
     """The longest tree distance: after this many steps every worker has every model."""
-    return max(nx.diameter(tree) for tree in trees)
+    return max(tree_diameter(tree) for tree in trees)
+
+
+def tree_diameter(tree: nx.Graph) -> int:
+    """The diameter of a tree in O(n): the farthest node from any node is one end of a longest path
+    (``nx.diameter`` takes every node's eccentricity, O(n^2))."""
+    start = next(iter(tree.nodes))
+    far = max(nx.single_source_shortest_path_length(tree, start).items(), key=lambda item: item[1])[0]
+    return max(nx.single_source_shortest_path_length(tree, far).values())
+
+
+def _sum_of_distances(tree: nx.Graph) -> int:
+    """sum over ordered pairs (i, k) of d(i, k) in a tree, in O(n): each edge lies on the path of
+    every pair it separates, s * (n - s) pairs for a side of s nodes, counted in both directions."""
+    n = tree.number_of_nodes()
+    root = next(iter(tree.nodes))
+    parent = {root: None}
+    order = [root]
+    for node in order:  # BFS: every node comes after its parent
+        for child in tree.neighbors(node):
+            if child not in parent:
+                parent[child] = node
+                order.append(child)
+    size = dict.fromkeys(order, 1)
+    total = 0
+    for node in reversed(order[1:]):  # leaves first: a subtree's size is known before its parent's
+        size[parent[node]] += size[node]
+        total += size[node] * (n - size[node])
+    return 2 * total
 
 
 def lr_correction(trees: list[nx.Graph]) -> float:
@@ -236,8 +279,9 @@ def lr_correction(trees: list[nx.Graph]) -> float:
     limits = []
     for tree in trees:
         n = tree.number_of_nodes()
-        dist = np.array(nx.floyd_warshall_numpy(tree))
-        limits.append(1.0 / (1.0 + np.maximum(dist - 1, 0).sum() / n**2))
+        # sum_ik max(d_ik - 1, 0) = sum_{i != k} d_ik - n(n - 1): every pair i != k is at distance >= 1
+        delays = _sum_of_distances(tree) - n * (n - 1)
+        limits.append(1.0 / (1.0 + delays / n**2))
     return float(1.0 / np.mean(limits))
 
 
@@ -269,6 +313,7 @@ def topology_stats(graph: nx.Graph, trees: list[nx.Graph]) -> TopologyStats:
     ``diameter`` and ``max_degree`` are those of the relay tree(s) (what RelaySGD sees);
     ``spectral_gap`` is that of the gossip matrix of the graph (what D-SGD sees).
     """
+    check_bounded(graph.number_of_nodes())
     union = nx.compose_all(trees)
     return TopologyStats(
         num_workers=graph.number_of_nodes(),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from relay_ray import cli
@@ -133,7 +134,20 @@ BAD_INPUTS = [
     (["--resume", "{dir}/run", "--seed", "0"], "seed 3 there, 0 here"),  # a flag given is an override, even = default
     (["--resume", "{dir}/run", "--out", "{dir}/elsewhere"], "drop --out {dir}/elsewhere"),
     (["--resume", "{dir}/run", "--config", "{dir}/run/config.yaml"], "give --config or --resume, not both"),
+    # plan before start (issue #13): refused before the topology is built, the data loaded or Ray started
+    (["--workers", "100000"], "--workers 100000: at most 4096 workers; the topology statistics use dense"),
+    (["--workers", "20000"], "--workers 20000: at most 4096 workers"),
+    (["--workers", "2000", "--workers-per-actor", "1"], "2000 workers on 2000 actors (1 per actor) need ~"),
+    (["--dataset", "cifar10", "--model", "vgg11", "--workers", "4096"], "per worker for vgg11 with 9,750,922 parameters"),
+    pytest.param(["--device", "cuda"], "--device cuda, but torch sees no GPU on this machine", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="--device cuda is refused only where torch sees no GPU")),
+    # TEST-NET-1 (RFC 5737): nobody answers; the message (not a timer) shows it came from the 2 s TCP check
+    (["--address", "192.0.2.1:6379"], "cannot reach Ray at 192.0.2.1:6379: "),
 ]
+
+
+def _row_args(row) -> list[str]:
+    return row.values[0] if isinstance(row, type(pytest.param())) else row[0]
 
 
 @pytest.fixture
@@ -149,7 +163,7 @@ def no_ray(monkeypatch):
     assert not ray.is_initialized()
 
 
-@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(_row_args(row)) for row in BAD_INPUTS])
 def test_bad_input_is_one_line_and_exit_2(bad_files, args, message, tmp_path, capsys, no_ray):
     """Through the real CLI entry point (``main``) on the Ray backend: exit 2, one line naming the
     bad value, no traceback, Ray never started (the no_ray fixture)."""
@@ -171,6 +185,14 @@ def test_bad_input_is_one_line_and_exit_2(bad_files, args, message, tmp_path, ca
     assert "Traceback" not in err
 
 
+def _address_space_limit(limit_bytes: int):
+    """For a subprocess: past ``limit_bytes`` an allocation fails (MemoryError), so a check that went
+    missing fails the test instead of swapping or OOM-killing the machine."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+
 def test_bad_input_in_a_real_process_starts_no_ray(bad_files):
     """A few of the table's rows as real processes: still one line, and no Ray session directory
     appears under the private RAY_TMPDIR."""
@@ -179,10 +201,15 @@ def test_bad_input_in_a_real_process_starts_no_ray(bad_files):
     shutil.copytree(bad_files / "run", ray_tmp.parent / f"{ray_tmp.name}-cwd" / "runs" / "latest")
     cwd = ray_tmp.parent / f"{ray_tmp.name}-cwd"
     try:
-        for args in (["--window", "0"], ["--drop-prob", "1.5"], ["--resume", f"{bad_files}/run", "--workers", "8"]):
-            result = subprocess.run([sys.executable, "-m", "relay_ray", "run", *args], capture_output=True, text=True,
+        for args in (["run", "--window", "0"], ["run", "--drop-prob", "1.5"],
+                     ["run", "--resume", f"{bad_files}/run", "--workers", "8"],
+                     # unchecked, these grew to 24 GB (OOM-killed) and printed 16 lines of Ray's retries
+                     ["run", "--workers", "100000"], ["run", "--address", "192.0.2.1:6379"],
+                     ["topology", "--workers", "100000"]):
+            result = subprocess.run([sys.executable, "-m", "relay_ray", *args], capture_output=True, text=True,
                                     timeout=600, cwd=cwd, env={**__import__("os").environ, "RAY_TMPDIR": str(ray_tmp),
-                                                               "PYTHONPATH": str(Path(__file__).parent.parent)})
+                                                               "PYTHONPATH": str(Path(__file__).parent.parent)},
+                                    preexec_fn=_address_space_limit(8 * 2 ** 30))
             assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
             assert list(ray_tmp.iterdir()) == [], list(ray_tmp.iterdir())
             assert (cwd / "runs" / "latest" / "summary.json").exists()
@@ -227,6 +254,16 @@ def test_topology_json():
     stats = json.loads(result.stdout)
     assert {"num_workers", "diameter", "max_degree", "spectral_gap", "lr_correction", "tree_edges"} <= set(stats)
     assert stats["diameter"] == 15 and abs(stats["lr_correction"] - 5.375) < 1e-9
+
+
+@pytest.mark.parametrize("args", [["--workers", "100000"], ["--workers", "4097", "--topology", "ring"]])
+def test_topology_refuses_more_workers_than_its_statistics_handle(args, capsys):
+    """Refused before any graph exists (n x n matrices, O(n^3)); 4096 itself is computed (~50 s here)."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["topology", *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"relay-ray: error: --workers {args[1]}: at most 4096 workers")
 
 
 def test_topology_and_partition_plots(tmp_path):
