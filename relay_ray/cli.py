@@ -20,6 +20,8 @@ from relay_ray import preflight, rundir, runner
 from relay_ray.config import DATA_HELP, EngineOptions, RunConfig, field_kind
 from relay_ray.errors import Diverged, Terminated, UserError, WorkerFailure, raise_terminated
 from relay_ray.runner import ResolvedRun, from_file, from_resume
+from relay_ray import titles
+from relay_ray.titles import command_stamp
 
 PROG = "relay-ray"
 DEFAULT_OUT = "runs/latest"
@@ -127,6 +129,27 @@ def _explicit_dests(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv or ["run"])))
 
 
+def ignored_flags(config: RunConfig, given: set[str]) -> list[str]:
+    """A note for each flag given on the command line that this run does not use (it still runs)."""
+    notes = []
+    if "data_dir" in given and config.dataset in ("digits", "quadratics"):
+        notes.append(f"--data-dir is not used by --dataset {config.dataset} (it needs no files)")
+    if "heterogeneity" in given and config.dataset != "quadratics":
+        notes.append("--heterogeneity applies to --dataset quadratics only; use --alpha for a data split")
+    if config.dataset == "quadratics":
+        notes += [f"--{name} applies to datasets with labels, not --dataset quadratics (use --heterogeneity)"
+                  for name in ("alpha", "partition") if name in given]
+    if not config.uses_trees:
+        notes += [f"--{name.replace('_', '-')} applies to relay algorithms only, not --algorithm {config.algorithm}"
+                  for name in ("tree", "lr_correction", "relay_fill") if name in given]
+    if config.algorithm == "allreduce" and given & {"topology", "topology_file"}:
+        notes.append("allreduce averages over all workers exactly; the --topology is not used")
+    if config.backend == "local":
+        notes += [f"{_flag(f)} applies to --backend ray only" for f in dataclasses.fields(EngineOptions)
+                  if f.name in given and f.name != "straggle"]  # --straggle is refused (it would fake nothing)
+    return notes
+
+
 # ------------------------------------------------------------------------- subcommands
 
 
@@ -134,6 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     resolved = _resolve_run(args)
     options = engine_options(args)  # every check before the default --out is replaced
     config = resolved.config
+    for note in ignored_flags(config, _explicit_dests(args.argv)):
+        print(f"relay-ray: note: {note} (ignored)", file=sys.stderr)
     if resolved.experiment is None:  # (a resumed run was checked before its experiment was built)
         preflight.check_run(config, options, args.address)
     # the default --out (runs/latest) is the latest run: replaced, with a note; any other is protected
@@ -175,7 +200,10 @@ def cmd_topology(args: argparse.Namespace) -> int:
         for i, edges in enumerate(stats["tree_edges"]):
             print(f"tree {i} edges   " + " ".join(f"{u}-{v}" for u, v in edges))
     if args.plot:
-        plot_topology(graph, trees, args.plot, title=f"{args.topology or 'tree'} / {args.tree}")
+        graph_name = args.topology_file or args.topology or "no graph (the tree is the topology)"
+        plot_topology(graph, trees, args.plot,
+                      title=f"{stats['num_workers']} workers, topology {graph_name}, --tree {args.tree}: diameter "
+                      f"{stats['diameter']}, lr correction x{stats['lr_correction']:.3g}\n{command_stamp()}")
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -196,7 +224,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
         print(f"{rank:>6d} {row.sum():>5d} {int((row > 0).sum()):>8d}  " + " ".join(f"{v:>5d}" for v in row))
     if args.plot:
         plot_partition(hist, args.plot, title=f"{args.dataset}, {config.num_workers} workers, alpha={args.alpha}, "
-                                             f"--partition {config.partition}")
+                                             f"--partition {config.partition}\n{command_stamp()}")
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -210,6 +238,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     configs = [RunConfig(**{**_run_settings(args), "algorithm": a, "out": None}) for a in algorithms]
     table = compare(configs, engine_options(args), out_dir=args.out, address=args.address, progress=not args.quiet)
     print(table)
+    if args.out:
+        print(f"wrote {args.out}/compare.md, compare.png and one run directory per algorithm "
+              f"({', '.join(f'{args.out}/{a}' for a in algorithms)})", file=sys.stderr)
     return 0
 
 
@@ -301,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # --resume / --config: which flags were given
+    titles.COMMAND[:] = ["relay-ray", *args.argv]  # what the figures of this command are stamped with
     if args.command is None:
         parser.print_help()
         return 2

@@ -11,6 +11,7 @@ from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.errors import Diverged
 from relay_ray.experiment import build_experiment
 from relay_ray.metrics import plot_curves
+from relay_ray.titles import command_stamp, layout_name
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -43,14 +44,6 @@ def markdown_table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _layout(config: RunConfig) -> str:
-    if config.algorithm == "allreduce":
-        return "complete (exact)"
-    if config.uses_trees:
-        return f"{config.topology or 'any link'} / {config.tree}"
-    return config.topology or config.topology_file or "ring"
-
-
 def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_dir: str | None = None,
             address: str | None = None, progress: bool = True) -> str:
     """Run every config (same data, split and seed) and return the Markdown table."""
@@ -76,7 +69,7 @@ def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_
             except Diverged as exc:  # one diverged algorithm is a result of the comparison, not its end
                 print(f"relay-ray: {config.algorithm}: {exc}", file=sys.stderr)
                 summary = exc.summary
-            summary["layout"] = _layout(config)
+            summary["layout"] = layout_name(config)
             summaries[config.algorithm] = summary
             if config.out:
                 rows[config.algorithm] = [json.loads(line) for line in
@@ -90,6 +83,9 @@ def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_
     if out is not None:
         (out / "compare.md").write_text(table + "\n")
         base = configs[0]
+        layouts = ", ".join(f"{c.algorithm}: {layout_name(c)}" for c in configs)
         plot_curves(rows, out / "compare.png",
-                    title=f"{base.dataset}, {base.num_workers} workers, alpha={base.alpha}")
+                    title=f"{base.dataset} (alpha {base.alpha:g}), {base.num_workers} workers — {layouts}\n"
+                          f"{command_stamp()}",
+                    diverged={name: s["diverged"] for name, s in summaries.items() if s.get("diverged")})
     return table

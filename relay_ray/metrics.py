@@ -6,12 +6,14 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 from relay_ray.config import RunConfig
 from relay_ray.errors import Diverged
+from relay_ray.titles import command_stamp, run_title
 
 
 def consensus_distance(params: list[np.ndarray] | np.ndarray) -> float:
@@ -121,6 +123,7 @@ class RunRecorder:
     def __init__(self, out_dir: str | Path | None, config: RunConfig, resume_step: int | None = None,
                  engine: dict | None = None):
         self.out_dir = Path(out_dir) if out_dir else None
+        self.config = config
         self.rows: list[dict] = []
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -154,77 +157,129 @@ class RunRecorder:
             return
         _atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         tmp = self.out_dir / "curves.png.tmp"
-        plot_curves({"run": self.rows}, tmp)
+        plot_curves({self.config.algorithm: self.rows}, tmp, title=f"{run_title(self.config)}\n{command_stamp()}",
+                    diverged={self.config.algorithm: summary["diverged"]} if summary.get("diverged") else None)
         os.replace(tmp, self.out_dir / "curves.png")
 
 
-def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
-    """Test metric, train loss and consensus distance vs step; one line per run."""
+def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "",
+                diverged: dict[str, str] | None = None) -> None:
+    """Test metric, train loss and consensus distance vs step; one line per run.
+
+    What cannot be drawn is said in the figure: a run with no evaluation yet, a diverged run (its
+    non-finite points are gaps), and a run whose consensus distance is 0 (exact averaging) on the
+    log axis.  ``diverged``: run label -> the reason, from the summary."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharex=True)
+    notes: list[str] = []
+    stopped_at = []
     for label, rows in runs.items():
         if not rows:
+            notes.append(f"{label}: no evaluation before the run stopped")
             continue
         steps = [r["step"] for r in rows]
+        dots = dict(marker="o", markersize=3) if len(rows) <= 30 else {}  # a run of one or two rows still shows
         if rows[0]["test_acc_mean"] is not None:
-            line, = axes[0].plot(steps, [r["test_acc_avg_model"] for r in rows], label=f"{label} (avg model)")
+            line, = axes[0].plot(steps, [r["test_acc_avg_model"] for r in rows], label=f"{label} (avg model)", **dots)
             axes[0].plot(steps, [r["test_acc_worst"] for r in rows], linestyle="--", color=line.get_color(),
-                         label=f"{label} (worst worker)")
+                         label=f"{label} (worst worker)", **dots)
             axes[0].set_ylabel("test accuracy")
         else:
-            axes[0].semilogy(steps, [max(r["suboptimality"], 1e-16) for r in rows], label=label)
+            line, = axes[0].semilogy(steps, [max(r["suboptimality"], 1e-16) for r in rows], label=label, **dots)
             axes[0].set_ylabel("suboptimality F(x̄) − F*")
-        axes[1].plot(steps, [r["train_loss"] for r in rows], label=label)
-        # exact averaging has zero consensus distance: leave it off the log axis instead of faking a floor
-        axes[2].semilogy(steps, [r["consensus_distance"] if r["consensus_distance"] > 0 else np.nan for r in rows],
-                         label=label)
+        losses = [r["train_loss"] for r in rows]
+        axes[1].plot(steps, losses, label=label, color=line.get_color(), **dots)
+        bad = next((r["step"] for r in rows if not math.isfinite(r["train_loss"])), None)
+        if bad is not None or (diverged and label in diverged):
+            why = (diverged or {}).get(label) or f"diverged: training loss non-finite at step {bad}"
+            notes.append(f"{label} {why} (dotted line; non-finite points are not drawn)")
+            stopped_at.append((bad or steps[-1], line.get_color()))
+        # exact averaging has zero consensus distance: leave it off the log axis and say so
+        consensus = [r["consensus_distance"] for r in rows]
+        axes[2].semilogy(steps, [c if c > 0 else np.nan for c in consensus], label=label, color=line.get_color(),
+                         **dots)
+        if all(c == 0 for c in consensus):
+            notes.append(f"{label}: consensus distance 0 at every step (exact averaging), not drawable on a log axis")
     axes[1].set_ylabel("train loss")
     axes[2].set_ylabel("consensus distance")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        for step, colour in stopped_at:
+            ax.axvline(step, color=colour, linestyle=":", linewidth=1.5)
+    all_steps = [r["step"] for rows in runs.values() for r in rows]
+    if all_steps:  # shared x: a panel with nothing drawable (all-zero consensus) keeps the runs' steps
+        low, high = min(all_steps), max(all_steps)
+        pad = max((high - low) * 0.03, 0.5)
+        axes[0].set_xlim(low - pad, high + pad)
+    if notes:
+        fig.text(0.5, 0.01, "\n".join(notes), ha="center", va="bottom", fontsize=8, color="tab:red")
     if any(rows for rows in runs.values()):  # a run stopped before its first evaluation has no lines
         axes[0].legend(fontsize=7)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.035 * len(notes), 1, 1))
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain lines (one per evaluation) otherwise."""
+    """A tqdm bar on a terminal (with its ETA); plain lines otherwise: one per evaluation, and between
+    them, at least every ``heartbeat_s`` seconds of training, ``step s/N | r steps/s | ETA``, so a log
+    file shows a live run from its first steps (a CIFAR-10 run's first evaluation can be minutes away)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool = True):
+    HEARTBEAT_S = 10.0
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, heartbeat_s: float | None = None):
         self.enabled = enabled
         self.tty = enabled and sys.stderr.isatty()
         self.total = total
         self.bar = None
+        self.heartbeat_s = self.HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+        self.done = 0
+        self._since = (time.monotonic(), 0)  # (when, steps done then): the rate since the last (re)start
+        self._last_line = time.monotonic()
         if self.tty:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
 
     def advance(self, steps: int = 1) -> None:
+        self.done += steps
         if self.bar is not None:
             self.bar.update(steps)
+        elif self.enabled and time.monotonic() - self._last_line >= self.heartbeat_s:
+            self._print(self._heartbeat())
+
+    def _heartbeat(self) -> str:
+        started, at = self._since
+        elapsed, steps = time.monotonic() - started, self.done - at
+        rate = steps / elapsed if elapsed > 0 else 0.0
+        eta = f"{(self.total - self.done) / rate:.0f}s" if rate > 0 else "?"
+        return f"step {self.done}/{self.total} | {rate:.2f} steps/s | ETA {eta}"
 
     def rewind(self, step: int) -> None:
         """Show ``step`` steps done (a resumed or restarted run)."""
+        self.done = step
+        self._since = (time.monotonic(), step)
         if self.bar is not None:
             self.bar.n = step
             self.bar.refresh()
+
+    def _print(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+        self._last_line = time.monotonic()
 
     def note(self, line: str) -> None:
         """A line the user must see even with --quiet (a restart, a fallback)."""
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)
         else:
-            print(line, file=sys.stderr, flush=True)
+            self._print(line)
 
     def report(self, row: dict) -> None:
         if not self.enabled:
@@ -233,7 +288,7 @@ class Progress:
         if self.bar is not None:
             self.bar.write(line)
         else:
-            print(line, file=sys.stderr, flush=True)
+            self._print(line)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -101,10 +101,19 @@ def _torus_rows(n: int) -> int:
 def read_edge_list(path: str, num_workers: int | None = None) -> nx.Graph:
     """Read ``u v`` edges, one per line, ``#`` comments; nodes must be ``0 .. n-1``."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise UserError(f"topology file {path} does not exist")
-    edges = []
-    for lineno, raw in enumerate(file.read_text().splitlines(), start=1):
+    if not file.is_file():
+        kind = "a directory" if file.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise UserError(f"topology file {path} is {kind}; give a text file of 'u v' lines")
+    try:
+        text = file.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"topology file {path} is not a text file of 'u v' lines") from None
+    except OSError as exc:
+        raise UserError(f"topology file {path}: cannot read it ({exc.strerror})") from None
+    edges, seen = [], {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -114,6 +123,9 @@ def read_edge_list(path: str, num_workers: int | None = None) -> nx.Graph:
         u, v = int(fields[0]), int(fields[1])
         if u == v:
             raise UserError(f"{path}:{lineno}: self-loop {u} {v} is not an edge")
+        first = seen.setdefault(frozenset((u, v)), lineno)
+        if first != lineno:  # a repeated edge is likely a typo for a missing one: refuse rather than merge
+            raise UserError(f"{path}:{lineno}: edge {u} {v} repeats line {first} (edges are undirected)")
         edges.append((u, v, lineno))
     if not edges:
         raise UserError(f"topology file {path} has no edges")
@@ -326,22 +338,77 @@ def topology_stats(graph: nx.Graph, trees: list[nx.Graph]) -> TopologyStats:
     )
 
 
+def tree_root(tree: nx.Graph) -> int:
+    """The node a tree is drawn from: its centre (smallest id on a tie), the root of the paper's
+    binary trees and of ``bfs_tree``."""
+    return min(nx.center(tree))
+
+
+def tree_layout(tree: nx.Graph, root: int | None = None) -> dict[int, tuple[float, float]]:
+    """A hierarchical layout: depth d at y = -d, leaves at consecutive x in depth-first order, every
+    inner node centred over its children, so each node sits below its parent."""
+    root = tree_root(tree) if root is None else root
+    pos: dict[int, tuple[float, float]] = {}
+    next_leaf = 0.0
+
+    def place(node: int, parent: int | None, depth: int) -> float:
+        nonlocal next_leaf
+        children = sorted(child for child in tree.neighbors(node) if child != parent)
+        if children:
+            xs = [place(child, node, depth + 1) for child in children]
+            x = (min(xs) + max(xs)) / 2
+        else:
+            x, next_leaf = next_leaf, next_leaf + 1
+        pos[node] = (x, -float(depth))
+        return x
+
+    import sys
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 4 * tree.number_of_nodes() + 100))  # a chain is n deep
+    try:
+        place(root, None, 0)
+    finally:
+        sys.setrecursionlimit(limit)
+    return pos
+
+
+TREE_COLOURS = ("tab:blue", "tab:orange")
+
+
 def plot_topology(graph: nx.Graph, trees: list[nx.Graph], path: str, title: str = "") -> None:
-    """Draw the graph in grey with the relay tree(s) on top in colour."""
+    """One panel per relay tree, drawn as a tree from its root (``tree_layout``), with the gossip
+    graph's other edges in grey; the title says what was drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    pos = nx.kamada_kawai_layout(graph) if graph.number_of_nodes() <= 64 else nx.spring_layout(graph, seed=0)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    nx.draw_networkx_edges(graph, pos, ax=ax, edge_color="#cccccc", width=1.0)
-    for tree, colour, style in zip(trees, ("tab:blue", "tab:orange"), ("solid", "dashed")):
-        nx.draw_networkx_edges(tree, pos, ax=ax, edge_color=colour, width=2.5, style=style)
-    nx.draw_networkx_nodes(graph, pos, ax=ax, node_color="white", edgecolors="black", node_size=260)
-    nx.draw_networkx_labels(graph, pos, ax=ax, font_size=8)
-    ax.set_title(title)
-    ax.axis("off")
+    n = graph.number_of_nodes()
+    width = min(max(5.0, 0.45 * n), 14.0)
+    fig, axes = plt.subplots(1, len(trees), figsize=(width * len(trees), 5.5), squeeze=False)
+    tree_edges = {frozenset(e) for tree in trees for e in tree.edges}
+    others = [e for e in graph.edges if frozenset(e) not in tree_edges]
+    for i, (ax, tree) in enumerate(zip(axes[0], trees)):
+        pos = tree_layout(tree)
+        colour = TREE_COLOURS[i % len(TREE_COLOURS)]
+        nx.draw_networkx_edges(graph, pos, edgelist=others, ax=ax, edge_color="#d0d0d0", width=0.8)
+        nx.draw_networkx_edges(tree, pos, ax=ax, edge_color=colour, width=2.5)
+        nx.draw_networkx_nodes(tree, pos, ax=ax, node_color="white", edgecolors="black",
+                               node_size=260 if n <= 64 else 40)
+        if n <= 64:
+            nx.draw_networkx_labels(tree, pos, ax=ax, font_size=8)
+        ax.set_title(f"tree {i + 1} of {len(trees)}: root {tree_root(tree)}, depth "
+                     f"{max(-y for _, y in pos.values()):.0f}" if len(trees) > 1 else
+                     f"relay tree: root {tree_root(tree)}, depth {max(-y for _, y in pos.values()):.0f}", fontsize=9)
+        handles = [Line2D([], [], color=colour, lw=2.5, label=f"tree {i + 1} edges (relays)")]
+        if others:
+            handles.append(Line2D([], [], color="#d0d0d0", lw=1, label="other graph edges (gossip only)"))
+        ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.12), fontsize=8, ncol=2,
+                  frameon=False)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

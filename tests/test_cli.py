@@ -34,6 +34,8 @@ def bad_files(tmp_path_factory):
     (root / "disconnected.txt").write_text("0 1\n2 3\n")
     (root / "malformed.txt").write_text("# a comment\n0 1\n1 two\n")
     (root / "out_of_range.txt").write_text("0 1\n1 7\n")
+    (root / "duplicate.txt").write_text("0 1\n1 2\n2 3\n# ring closes\n1 0\n")
+    (root / "binary.txt").write_bytes(b"\xff\xfe\x00 1\n")
     (root / "broken.yaml").write_text("steps: [1, 2\n")
     (root / "list.yaml").write_text("- relaysgd\n- dsgd\n")
     (root / "unknown_key.yaml").write_text("algorithm: relaysgd\nstepz: 10\n")
@@ -69,6 +71,10 @@ BAD_INPUTS = [
     (["--topology-file", "{dir}/malformed.txt"], "malformed.txt:3: malformed edge line '1 two'"),
     (["--topology-file", "{dir}/out_of_range.txt", "--workers", "4"], "node id 7 out of range"),
     (["--topology-file", "{dir}/missing.txt"], "does not exist"),
+    (["--topology-file", "{dir}/duplicate.txt"], "duplicate.txt:5: edge 1 0 repeats line 1 (edges are undirected)"),
+    (["--topology-file", "/dev/zero"], "topology file /dev/zero is not a regular file"),
+    (["--topology-file", "{dir}/empty"], "is a directory"),
+    (["--topology-file", "{dir}/binary.txt"], "is not a text file"),
     (["--dataset", "cifar10", "--data-dir", "{dir}/nowhere"], "put CIFAR-10 there"),
     (["--dataset", "mnist", "--data-dir", "{dir}"], "train-images-idx3-ubyte"),
     (["--tree", "double-binary", "--topology", "ring"], "needs edge"),
@@ -401,3 +407,19 @@ def test_out_in_a_config_file_is_honoured(tmp_path):
     moved = relay_ray("run", "--backend", "local", "--config", str(config), "--quiet", "--out", str(tmp_path / "flag"))
     assert moved.returncode == 0, moved.stderr
     assert (tmp_path / "flag" / "summary.json").exists()
+
+
+def test_flags_the_run_does_not_use_are_named_once_and_the_run_goes_on(tmp_path, capsys):
+    assert cli.main(["run", "--backend", "local", "--dataset", "digits", "--data-dir", str(tmp_path),
+                     "--algorithm", "dsgd", "--tree", "chain", "--window", "2", "--heterogeneity", "3",
+                     "--workers", "4", "--steps", "4", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("relay-ray: note:")]
+    assert notes == [
+        "relay-ray: note: --data-dir is not used by --dataset digits (it needs no files) (ignored)",
+        "relay-ray: note: --heterogeneity applies to --dataset quadratics only; use --alpha for a data split (ignored)",
+        "relay-ray: note: --tree applies to relay algorithms only, not --algorithm dsgd (ignored)",
+        "relay-ray: note: --window applies to --backend ray only (ignored)",
+    ]
+    assert cli.main(["run", "--backend", "local", "--dataset", "quadratics", "--algorithm", "relaysgd", "--tree",
+                     "chain", "--workers", "4", "--steps", "4", "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    assert "note:" not in capsys.readouterr().err  # every flag given is used
