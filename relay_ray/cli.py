@@ -248,7 +248,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from relay_ray.tune import run_sweep
 
     table = run_sweep(args.sweep_file, out=args.out, address=args.address, resume=args.resume,
-                      storage=args.storage, data_dir=args.data_dir, verbose=0 if args.quiet else 1)
+                      storage=args.storage, data_dir=args.data_dir,
+                      progress="tune" if args.verbose else "none" if args.quiet else "lines")
     print(table)
     print(f"wrote {args.out}/results.csv, best.md, sweep.png", file=sys.stderr)
     return 0
@@ -310,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dataset location for every trial (overrides the sweep's base: data_dir). " + DATA_HELP)
     sweep.add_argument("--resume", action="store_true",
                        help="continue an interrupted sweep in OUT; finished trials are not re-run")
-    sweep.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+    sweep.add_argument("--quiet", action="store_true", help="no progress lines (only errors and the result table)")
+    sweep.add_argument("--verbose", action="store_true",
+                       help="Ray Tune's own progress tables instead of relay-ray's one line per finished trial")
     sweep.set_defaults(func=cmd_tune)
 
     topo = sub.add_parser("topology", help="statistics and a drawing of a topology and its spanning tree(s)",

@@ -178,9 +178,34 @@ def _scheduler(sweep: Sweep):
     return None
 
 
+class TrialLines(tune.Callback):
+    """relay-ray's progress for a sweep, in place of Tune's tables: one line per finished or failed trial."""
+
+    def __init__(self, sweep: Sweep):
+        self.metric, self.finished, self.started = sweep.metric, 0, time.monotonic()
+
+    def _line(self, trials, trial, outcome: str) -> None:
+        self.finished += 1
+        params = ", ".join(f"{k.split('/')[-1]}={v}" for k, v in (trial.evaluated_params or {}).items())
+        print(f"relay-ray tune: [{self.finished}/{len(trials)}] {params or trial.trial_id}: {outcome} "
+              f"({time.monotonic() - self.started:.0f}s)", file=sys.stderr, flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        value = (trial.last_result or {}).get(self.metric)
+        self._line(trials, trial, f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) else "done")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trials, trial, "FAILED (see results.csv and the trial's error.txt)")
+
+
+PROGRESS = ("lines", "tune", "none")
+
+
 def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = None, resume: bool = False,
-              storage: str | None = None, data_dir: str | None = None, verbose: int = 1) -> str:
-    """Run (or resume) a sweep; writes results.csv, best.md and sweep.png into ``out``; returns best.md's table."""
+              storage: str | None = None, data_dir: str | None = None, progress: str = "lines") -> str:
+    """Run (or resume) a sweep; writes results.csv, best.md and sweep.png into ``out``; returns best.md's table.
+
+    ``progress``: ``lines`` (one relay-ray line per finished trial), ``tune`` (Tune's own tables) or ``none``."""
     out = Path(out).resolve()
     saved = out / "sweep.yaml"
     sweep = load_sweep(sweep_file, {"data_dir": str(Path(data_dir).resolve())} if data_dir else None)
@@ -216,7 +241,9 @@ def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = Non
                 tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
                                             scheduler=_scheduler(sweep),
                                             max_concurrent_trials=sweep.max_concurrent_trials),
-                run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, verbose=verbose,
+                run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path,
+                                          verbose=1 if progress == "tune" else 0,
+                                          callbacks=[TrialLines(sweep)] if progress == "lines" else None,
                                           failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_CHECKPOINTS),
                                           # each trial's run files (metrics.jsonl, curves.png) reach the storage

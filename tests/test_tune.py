@@ -1,5 +1,7 @@
 """Real Ray Tune sweeps on a private 2-CPU Ray (what the CI machine has)."""
 
+import re
+
 import pandas as pd
 import pytest
 import yaml
@@ -32,9 +34,15 @@ def write(tmp_path, data, name="sweep.yaml"):
     return path
 
 
-def test_four_trial_sweep(ray_two_cpus, tmp_path):
+def test_four_trial_sweep(ray_two_cpus, tmp_path, capfd):
     out = tmp_path / "out"
-    table = run_sweep(write(tmp_path, FOUR_TRIALS), out, verbose=0)
+    table = run_sweep(write(tmp_path, FOUR_TRIALS), out)  # default progress: relay-ray's line per trial
+    printed = capfd.readouterr()
+    lines = [line for line in printed.err.splitlines() if line.startswith("relay-ray tune: [")]
+    assert sorted(line.split("]")[0] for line in lines) == [f"relay-ray tune: [{k}/4" for k in range(1, 5)], lines
+    assert all(re.search(r"algorithm=(relaysgd|dsgd), lr=0\.(05|1): test_acc_worst 0\.\d{4} \(\d+s\)$", line)
+               for line in lines), lines
+    assert "Trial status" not in printed.out + printed.err  # none of Tune's own tables
 
     results = pd.read_csv(out / "results.csv")
     assert len(results) == 4
@@ -60,7 +68,7 @@ def test_sweep_needing_more_cpus_than_the_cluster_fails_fast(ray_two_cpus, tmp_p
     big = {**FOUR_TRIALS, "base": {**FOUR_TRIALS["base"], "num_workers": 16},
            "resources": {"cpus_per_trial": 8, "driver_cpus": 0.5}}
     with pytest.raises(UserError) as info:
-        run_sweep(write(tmp_path, big), tmp_path / "out", verbose=0)
+        run_sweep(write(tmp_path, big), tmp_path / "out", progress="none")
     message = str(info.value)
     assert "16 workers" in message and "8 actors x 1 CPU" in message and "8.5 CPUs" in message and "has 2 CPUs" in message and "6.5 short" in message
     assert not (tmp_path / "out" / "sweep.yaml").exists(), "nothing started"
@@ -71,4 +79,4 @@ def test_existing_sweep_needs_resume(ray_two_cpus, tmp_path):
     out.mkdir()
     (out / "sweep.yaml").write_text("x: 1\n")
     with pytest.raises(UserError, match="already holds a sweep; pass --resume"):
-        run_sweep(write(tmp_path, FOUR_TRIALS), out, verbose=0)
+        run_sweep(write(tmp_path, FOUR_TRIALS), out, progress="none")
