@@ -36,7 +36,7 @@ COMPARED = ("train_loss", "test_acc_mean", "test_acc_worst", "test_acc_avg_model
 class Killer:
     """An ``on_step`` hook: once the next moment has come, kill a random live actor of the engine."""
 
-    def __init__(self, every: tuple[float, float], seed: int):
+    def __init__(self, every: tuple[float, float], seed: int | str):
         self.every, self.random = every, random.Random(seed)
         self.kills: list[dict] = []
         self.next_at = time.monotonic() + self.random.uniform(*every)
@@ -61,7 +61,7 @@ def one_run(args, mode: str | None, out: str) -> dict:
     config = RunConfig(algorithm="relaysgd", num_workers=16, dataset="digits", alpha=0.01, epochs=args.epochs,
                        seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                        backend="ray", out=out)
-    killer = Killer(tuple(args.every), args.seed) if mode else None
+    killer = Killer(tuple(args.every), f"{args.seed}-{mode}") if mode else None  # each mode its own victims
     options = EngineOptions(workers_per_actor=2, on_failure=mode or "restart", max_restarts=args.max_restarts)
     engine = Engine(config, build_experiment(config), options, on_step=killer)
     started = time.perf_counter()
@@ -99,9 +99,9 @@ def table(results: list[dict], reference: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=float, default=1000, help="epochs over a worker's shard (1000 = 3000 steps)")
-    parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--epochs", type=float, default=2000, help="epochs over a worker's shard (2000 = 6000 steps)")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--every", type=float, nargs=2, default=[60, 120], metavar=("MIN_S", "MAX_S"),
                         help="seconds between kills, drawn uniformly")
     parser.add_argument("--max-restarts", type=int, default=20)

@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `relay-ray partition | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    finally:
+        titles.COMMAND.clear()  # a library call after this one stamps its own command line
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from relay_ray.engine import Engine, connect
 from relay_ray.errors import Diverged, UserError
 from relay_ray.experiment import build_experiment
 from relay_ray.sweep import VARIANT, Sweep, edge_notes, load_sweep, parse_sweep, run_settings
+from relay_ray.titles import command_stamp
 
 CONFIG_PREFIX = "config/"
 GROUP_KEYS = ("algorithm", "topology", "alpha")
@@ -343,39 +344,61 @@ def markdown_table(best: pd.DataFrame, sweep: Sweep) -> str:
 
 
 def plot_sweep(frame: pd.DataFrame, best: pd.DataFrame, sweep: Sweep, path: Path) -> None:
-    """Best score vs alpha per algorithm/topology; beside it, score vs lr when lr was searched."""
+    """The best score per algorithm/topology: against alpha when several were swept, else as bars;
+    beside it, score vs lr when lr was searched, each group's winner starred and a winner on the
+    grid's edge said in the figure (the grid may not hold the best lr)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with_lr = "lr" in sweep.search and "lr" in frame.columns
-    fig, axes = plt.subplots(1, 2 if with_lr else 1, figsize=(12 if with_lr else 6.5, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if with_lr else 1, figsize=(12.5 if with_lr else 6.5, 4.6), squeeze=False)
     ax = axes[0][0]
-    finite = best["alpha"].replace(math.inf, float("nan")).dropna()
-    inf_at = (finite.max() * 10) if not finite.empty else 1.0
-    for (algorithm, topology), group in best.groupby(["algorithm", "topology"], sort=True):
-        group = group.sort_values("alpha")
-        x = [inf_at if math.isinf(a) else a for a in group["alpha"]]
-        ax.plot(x, group[sweep.metric], marker="o", label=f"{algorithm} / {topology}")
-    ax.set_xscale("log")
-    ax.set_xlabel("alpha (Dirichlet; smaller = more heterogeneous)")
+    groups = list(best.groupby(["algorithm", "topology"], sort=True))
+    if best["alpha"].nunique() > 1:
+        finite = best["alpha"].replace(math.inf, float("nan")).dropna()
+        inf_at = (finite.max() * 10) if not finite.empty else 1.0
+        for (algorithm, topology), group in groups:
+            group = group.sort_values("alpha")
+            x = [inf_at if math.isinf(a) else a for a in group["alpha"]]
+            ax.plot(x, group[sweep.metric], marker="o", label=f"{algorithm} / {topology}")
+        ax.set_xscale("log")
+        ax.set_xlabel("alpha (Dirichlet; smaller = more heterogeneous; rightmost = iid)")
+        ax.legend(fontsize=7)
+    else:  # one alpha: a line through one point per group says nothing; bars do
+        labels = [f"{algorithm}\n{topology}" for (algorithm, topology), _ in groups]
+        values = [group[sweep.metric].iloc[0] for _, group in groups]
+        bars = ax.bar(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
+        ax.bar_label(bars, fmt="%.4g", fontsize=8)
+        ax.set_xticks(range(len(values)), labels, fontsize=8)
+        ax.set_xlabel(f"algorithm / topology (alpha {best['alpha'].iloc[0]:g})")
     ax.set_ylabel(f"best {sweep.metric}")
-    ax.set_title(f"{sweep.name}: best trial per group")
+    ax.set_title("best trial per group", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    notes = edge_notes(best.to_dict("records"), sweep, GROUP_KEYS)
     if with_lr:
         ax = axes[0][1]
+        winners = {tuple(row[k] for k in GROUP_KEYS): row["lr"] for row in best.to_dict("records")}
         for (algorithm, topology, alpha), group in frame.groupby(list(GROUP_KEYS), sort=True):
             group = group.groupby("lr")[sweep.metric].agg("max" if sweep.mode == "max" else "min").sort_index()
-            ax.plot(group.index, group.values, marker="o", label=f"{algorithm} / {topology} / a={alpha:g}")
+            line, = ax.plot(group.index, group.values, marker="o", label=f"{algorithm} / {topology} / a={alpha:g}")
+            won = winners.get((algorithm, topology, alpha))
+            if won in group.index:
+                ax.plot([won], [group[won]], marker="*", markersize=15, color=line.get_color(),
+                        markeredgecolor="black", linestyle="none")
         ax.set_xscale("log")
-        ax.set_xlabel("lr")
+        ax.set_xlabel("lr (star: each group's best)")
         ax.set_ylabel(sweep.metric)
-        ax.set_title("score vs learning rate")
+        ax.set_title("score vs learning rate", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.tight_layout()
+    fig.suptitle(f"sweep {sweep.name}: {len(frame)} trials, {sweep.mode} {sweep.metric}\n{command_stamp()}",
+                 fontsize=10)
+    if notes:
+        fig.text(0.5, 0.01, "\n".join(notes[:4] + ([f"... and {len(notes) - 4} more (best.md)"] if len(notes) > 4
+                                                  else [])), ha="center", va="bottom", fontsize=8, color="tab:red")
+    fig.tight_layout(rect=(0, 0.035 * min(len(notes), 5), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -51,7 +51,8 @@ def figures(monkeypatch):
 
     def record(fig, path, *args, **kwargs):
         title = fig._suptitle.get_text() if fig._suptitle is not None else ""
-        texts = [t.get_text() for t in fig.texts] + [ax.get_title() for ax in fig.axes]
+        texts = [t.get_text() for t in fig.texts] + [ax.get_title() for ax in fig.axes] + \
+            [ax.get_xlabel() for ax in fig.axes]
         saved.append((str(path), title, "\n".join(texts)))
         return original(fig, path, *args, **kwargs)
 
@@ -96,3 +97,26 @@ def test_a_diverged_run_says_so_in_its_figure(figures, tmp_path):
     assert "dsgd diverged: training loss non-finite at step 20" in texts
     assert "d2: no evaluation before the run stopped" in texts
 
+
+
+def test_sweep_figure_fits_one_alpha_and_says_when_a_winner_sits_on_the_grid_edge(figures, tmp_path):
+    import pandas as pd
+
+    from relay_ray.sweep import parse_sweep
+    from relay_ray.tune import best_per_group, plot_sweep
+
+    sweep = parse_sweep({"name": "lrs", "base": {"dataset": "digits", "alpha": 0.01},
+                         "search": {"algorithm": {"grid_search": ["relaysgd", "dsgd"]},
+                                    "lr": {"grid_search": [0.02, 0.05, 0.1]}},
+                         "metric": "test_acc_worst", "mode": "max"}, "lrs.yaml")
+    frame = pd.DataFrame([{"algorithm": a, "topology": t, "alpha": 0.01, "lr": lr, "test_acc_worst": acc}
+                          for a, t, accs in (("relaysgd", "chain tree", (0.90, 0.95, 0.93)),
+                                             ("dsgd", "ring", (0.50, 0.60, 0.70)))
+                          for lr, acc in zip((0.02, 0.05, 0.1), accs)])
+    plot_sweep(frame, best_per_group(frame, sweep), sweep, tmp_path / "sweep.png")
+    _, title, texts = figures[-1]
+    assert "sweep lrs: 6 trials, max test_acc_worst" in title
+    assert "dsgd, topology ring, alpha 0.01: best lr 0.1 is the grid's upper edge" in texts
+    assert "relaysgd" not in texts.split("edge")[0].split("\n")[-1]  # relaysgd's best (0.05) is inside the grid
+    assert "algorithm / topology (alpha 0.01)" in texts  # one alpha swept: bars, not a line through one point
+    assert "lr (star: each group's best)" in texts
