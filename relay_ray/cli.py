@@ -230,7 +230,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from relay_ray.compare import compare
+    from relay_ray.comparison import compare
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     if not algorithms:

@@ -29,7 +29,7 @@ from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.engine import Engine, connect
 from relay_ray.errors import Diverged, UserError
 from relay_ray.experiment import build_experiment
-from relay_ray.sweep import VARIANT, Sweep, edge_notes, load_sweep, parse_sweep, run_settings
+from relay_ray.sweep_file import VARIANT, Sweep, edge_notes, load_sweep, parse_sweep, run_settings
 from relay_ray.titles import command_stamp
 
 CONFIG_PREFIX = "config/"

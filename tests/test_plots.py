@@ -102,7 +102,7 @@ def test_a_diverged_run_says_so_in_its_figure(figures, tmp_path):
 def test_sweep_figure_fits_one_alpha_and_says_when_a_winner_sits_on_the_grid_edge(figures, tmp_path):
     import pandas as pd
 
-    from relay_ray.sweep import parse_sweep
+    from relay_ray.sweep_file import parse_sweep
     from relay_ray.tune import best_per_group, plot_sweep
 
     sweep = parse_sweep({"name": "lrs", "base": {"dataset": "digits", "alpha": 0.01},

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from relay_ray import cli, preflight, runner
-from relay_ray.compare import compare
+from relay_ray.comparison import compare
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.errors import UserError
 from relay_ray.models import build_model
@@ -26,14 +26,14 @@ def refuse_planning(monkeypatch):
     Ray fails the test."""
     import ray
 
-    import relay_ray.compare
+    import relay_ray.comparison
     import relay_ray.experiment
 
     def refuse(*args, **kwargs):
         raise AssertionError("got past the pre-start checks")
 
     monkeypatch.setattr(relay_ray.experiment, "build_experiment", refuse)
-    monkeypatch.setattr(relay_ray.compare, "build_experiment", refuse)
+    monkeypatch.setattr(relay_ray.comparison, "build_experiment", refuse)
     monkeypatch.setattr(ray, "init", refuse)
 
 

@@ -27,7 +27,7 @@ PURE_MODULES = [
     "relay_ray.config",
     "relay_ray.checkpoint",
     "relay_ray.group",
-    "relay_ray.sweep",
+    "relay_ray.sweep_file",
     "relay_ray.runner",
     "relay_ray.engine.placement",
     "relay_ray.cli",

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from relay_ray.errors import UserError
-from relay_ray.sweep import load_sweep, parse_sweep
+from relay_ray.sweep_file import load_sweep, parse_sweep
 
 TUNE_CONFIGS = sorted((Path(__file__).parent.parent / "tune_configs").glob("*.yaml"))
 BASE = {"dataset": "digits", "num_workers": 4, "steps": 30}
@@ -103,7 +103,7 @@ def test_shipped_sweeps_exist():
 
 
 def test_a_best_lr_on_the_grid_edge_is_flagged():
-    from relay_ray.sweep import edge_notes, grid_edge
+    from relay_ray.sweep_file import edge_notes, grid_edge
 
     assert [grid_edge(v, [0.05, 0.1, 0.2]) for v in (0.05, 0.1, 0.2)] == ["lower", "", "upper"]
     parsed = parse_sweep(sweep(search={"lr": {"grid_search": [0.05, 0.1, 0.2]}}), "s.yaml")

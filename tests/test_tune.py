@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
+import relay_ray
 from relay_ray.errors import UserError
 from relay_ray.tune import run_sweep
 
@@ -36,7 +37,9 @@ def write(tmp_path, data, name="sweep.yaml"):
 
 def test_four_trial_sweep(ray_two_cpus, tmp_path, capfd):
     out = tmp_path / "out"
-    table = run_sweep(write(tmp_path, FOUR_TRIALS), out)  # default progress: relay-ray's line per trial
+    swept = relay_ray.sweep(write(tmp_path, FOUR_TRIALS), out)  # the Python API; relay-ray's line per trial
+    table = swept.table
+    assert len(swept.trials) == 4 and swept.path == out
     printed = capfd.readouterr()
     lines = [line for line in printed.err.splitlines() if line.startswith("relay-ray tune: [")]
     assert sorted(line.split("]")[0] for line in lines) == [f"relay-ray tune: [{k}/4" for k in range(1, 5)], lines
