@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _bench import command_line, save_figure  # noqa: E402
 
 from relay_ray.config import RunConfig  # noqa: E402
-from relay_ray.sweep import grid_edge  # noqa: E402
+from relay_ray.sweep_file import grid_edge  # noqa: E402
 
 ALPHAS = (1.0, 0.1, 0.01)
 # label -> run settings of the variant
