@@ -111,6 +111,51 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+class TensorBoardLog:
+    """TensorBoard event files beside metrics.jsonl: every numeric metric of an evaluation as a
+    scalar, and the per-worker test metric as a histogram (plus its worst/mean as scalars).  A run
+    that goes back to a checkpoint reopens the log with ``purge_step``, so TensorBoard drops the
+    events after that step instead of showing them twice."""
+
+    def __init__(self, directory: Path, resume_step: int | None = None):
+        self.directory = directory
+        self.writer = None
+        self.purge_step = resume_step + 1 if resume_step else None
+
+    def _open(self):
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # imported only by a run that writes files
+
+            self.writer = SummaryWriter(str(self.directory), purge_step=self.purge_step)
+            self.purge_step = None
+        return self.writer
+
+    def record(self, row: dict) -> None:
+        writer, step = self._open(), row["step"]
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"relay_ray/{key}", value, step)
+        per_worker = np.asarray(row.get("metric_per_worker") or [], dtype=float)
+        if per_worker.size and np.isfinite(per_worker).all():
+            writer.add_histogram("relay_ray/metric_per_worker", per_worker, step)
+        writer.flush()
+
+    def rewind(self, step: int) -> None:
+        """Later events are recorded again after a restart from ``step``: purge them on reopening."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            self.purge_step = step + 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 class RunRecorder:
     """Writes ``config.yaml``, ``metrics.jsonl`` (a line per evaluation), ``summary.json`` and plots.
 
@@ -132,10 +177,13 @@ class RunRecorder:
             if resume_step is not None:
                 self.rows = read_rows(self.metrics_path)
             self.truncate(resume_step or 0)
+        self.events = TensorBoardLog(self.out_dir / TENSORBOARD_DIR, resume_step) if self.out_dir else None
 
     def truncate(self, step: int) -> None:
         """Forget the rows after ``step`` (a run going back to a checkpoint will record them again)."""
         self.rows = [row for row in self.rows if row["step"] <= step]
+        if getattr(self, "events", None) is not None:
+            self.events.rewind(step)
         if self.out_dir is not None:
             _atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in self.rows))
 
@@ -151,10 +199,12 @@ class RunRecorder:
                 os.close(fd)
             if written != len(data):
                 raise OSError(f"short write to {self.metrics_path} ({written} of {len(data)} bytes)")
+            self.events.record(row)
 
     def finish(self, summary: dict) -> None:
         if self.out_dir is None:
             return
+        self.events.close()
         _atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         tmp = self.out_dir / "curves.png.tmp"
         plot_curves({self.config.algorithm: self.rows}, tmp, title=f"{run_title(self.config)}\n{command_stamp()}",

@@ -18,7 +18,7 @@ from relay_ray.errors import UserError
 
 LOCK = ".lock"
 RUN_MARKER = "config.yaml"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "checkpoints")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "checkpoints", "tensorboard")
 
 
 def _alive(pid: int) -> bool:

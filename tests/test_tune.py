@@ -56,6 +56,7 @@ def test_four_trial_sweep(ray_two_cpus, tmp_path, capfd):
     assert results["test_acc_worst"].between(0.5, 1.0).all()
     # each trial ran the real engine and wrote its run files into its own trial directory
     assert len(list((out / "four").glob("*/run/metrics.jsonl"))) == 4
+    assert len(list((out / "four").glob("*/run/tensorboard/events.out.tfevents.*"))) >= 4  # TensorBoard too
 
     best = (out / "best.md").read_text()
     assert "| dsgd | ring | 0.1 |" in best and "| relaysgd | chain tree | 0.1 |" in best
