@@ -37,6 +37,7 @@ import torch
 
 from relay_ray.config import RESUMABLE_CHANGES, RunConfig
 from relay_ray.errors import Diverged, UserError
+from relay_ray.files import write_atomic
 
 WORKER_FORMAT = "relay_ray.worker-checkpoint/1"
 MANIFEST_FORMAT = "relay_ray.checkpoint/1"
@@ -92,15 +93,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------- worker side
 def save_worker(directory: str | Path, rank: int, header: dict, state: dict) -> dict:
     """Called by a worker: write its state into ``directory``; returns a small record for the manifest."""
@@ -108,7 +100,7 @@ def save_worker(directory: str | Path, rank: int, header: dict, state: dict) -> 
     torch.save({"format": WORKER_FORMAT, "rank": rank, **header, "state": _encode(state)}, buffer)
     data = buffer.getvalue()
     path = Path(directory) / worker_filename(rank)
-    _write_atomic(path, data)
+    write_atomic(path, data, durable=True)
     return {"file": path.name, "rank": rank, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -260,7 +252,7 @@ class CheckpointStore:
         manifest = {"format": MANIFEST_FORMAT, "step": step, "wall_s": wall_s, "num_workers": self.config.num_workers,
                     "algorithm": self.config.algorithm, "plan": plan_digest(self.plan),
                     "config": self.config.to_dict(), "workers": records}
-        _write_atomic(directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        write_atomic(directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), durable=True)
         _fsync_dir(directory)
         self.latest = Checkpoint(directory, step, wall_s)
         self._prune(step)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import yaml
 
 from relay_ray.algorithms import ALGORITHMS, FILL_RULES, TREE_ALGORITHMS
 from relay_ray.errors import UserError
+from relay_ray.files import write_atomic
 from relay_ray.names import DATASETS, MODELS
 from relay_ray.straggle import Straggle
 from relay_ray.topology import GRAPHS, TREES
@@ -321,11 +321,8 @@ class RunConfig:
 
         ``engine``: how the run executed (actors, resources), saved under ``engine:`` as a record;
         it never changes the numbers, so ``load`` leaves it out."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         data = {**self.to_dict(), **({ENGINE_RECORD: engine} if engine else {})}
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-        os.replace(tmp, path)
+        write_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from relay_ray.errors import DataError, UserError
+from relay_ray.files import write_atomic
 
 from relay_ray.names import DATASETS  # noqa: E402, F401  (re-exported)
 
@@ -333,14 +334,9 @@ def _load_cifar10_cached(source: Path, cache: Path, decode: Callable[[], _Arrays
 def _write_cache(path: Path, dataset: ArrayDataset) -> None:
     """Write atomically (temp file + rename) so a killed run never leaves a half-written cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test,
-                     y_test=dataset.y_test, mean=np.array(dataset.mean), std=np.array(dataset.std))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda f: np.savez(f, x_train=dataset.x_train, y_train=dataset.y_train,
+                                          x_test=dataset.x_test, y_test=dataset.y_test,
+                                          mean=np.array(dataset.mean), std=np.array(dataset.std)))
 
 
 def _decode_jpeg(data: bytes, where: str) -> np.ndarray:

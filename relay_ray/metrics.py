@@ -13,6 +13,7 @@ import numpy as np
 
 from relay_ray.config import RunConfig
 from relay_ray.errors import Diverged
+from relay_ray.files import write_atomic
 from relay_ray.titles import command_stamp, run_title
 
 
@@ -91,12 +92,6 @@ def format_row(row: dict, total_steps: int) -> str:
         parts += [f"subopt {row['suboptimality']:.3e}", f"worst {row['suboptimality_worst']:.3e}"]
     parts += [f"consensus {row['consensus_distance']:.3e}", f"{row['wall_s']:.1f}s"]
     return " | ".join(parts)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -185,7 +180,7 @@ class RunRecorder:
         if getattr(self, "events", None) is not None:
             self.events.rewind(step)
         if self.out_dir is not None:
-            _atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in self.rows))
+            write_atomic(self.metrics_path, "".join(json.dumps(row) + "\n" for row in self.rows))
 
     def record(self, row: dict) -> None:
         self.rows.append(row)
@@ -205,11 +200,10 @@ class RunRecorder:
         if self.out_dir is None:
             return
         self.events.close()
-        _atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        tmp = self.out_dir / "curves.png.tmp"
-        plot_curves({self.config.algorithm: self.rows}, tmp, title=f"{run_title(self.config)}\n{command_stamp()}",
-                    diverged={self.config.algorithm: summary["diverged"]} if summary.get("diverged") else None)
-        os.replace(tmp, self.out_dir / "curves.png")
+        write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(self.out_dir / "curves.png", lambda f: plot_curves(
+            {self.config.algorithm: self.rows}, f, title=f"{run_title(self.config)}\n{command_stamp()}",
+            diverged={self.config.algorithm: summary["diverged"]} if summary.get("diverged") else None))
 
 
 def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "",
@@ -219,12 +213,10 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "",
     What cannot be drawn is said in the figure: a run with no evaluation yet, a diverged run (its
     non-finite points are gaps), and a run whose consensus distance is 0 (exact averaging) on the
     log axis.  ``diverged``: run label -> the reason, from the summary."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry is touched
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharex=True)
+    fig = Figure(figsize=(15, 4.6))
+    axes = fig.subplots(1, 3, sharex=True)
     notes: list[str] = []
     stopped_at = []
     for label, rows in runs.items():
@@ -274,7 +266,6 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "",
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.035 * len(notes), 1, 1))
     fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
 
 
 class Progress:

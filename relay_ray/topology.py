@@ -378,15 +378,13 @@ TREE_COLOURS = ("tab:blue", "tab:orange")
 def plot_topology(graph: nx.Graph, trees: list[nx.Graph], path: str, title: str = "") -> None:
     """One panel per relay tree, drawn as a tree from its root (``tree_layout``), with the gossip
     graph's other edges in grey; the title says what was drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry is touched
     from matplotlib.lines import Line2D
 
     n = graph.number_of_nodes()
     width = min(max(5.0, 0.45 * n), 14.0)
-    fig, axes = plt.subplots(1, len(trees), figsize=(width * len(trees), 5.5), squeeze=False)
+    fig = Figure(figsize=(width * len(trees), 5.5))
+    axes = fig.subplots(1, len(trees), squeeze=False)
     tree_edges = {frozenset(e) for tree in trees for e in tree.edges}
     others = [e for e in graph.edges if frozenset(e) not in tree_edges]
     for i, (ax, tree) in enumerate(zip(axes[0], trees)):
@@ -411,4 +409,3 @@ def plot_topology(graph: nx.Graph, trees: list[nx.Graph], path: str, title: str 
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -347,13 +347,11 @@ def plot_sweep(frame: pd.DataFrame, best: pd.DataFrame, sweep: Sweep, path: Path
     """The best score per algorithm/topology: against alpha when several were swept, else as bars;
     beside it, score vs lr when lr was searched, each group's winner starred and a winner on the
     grid's edge said in the figure (the grid may not hold the best lr)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry is touched
 
     with_lr = "lr" in sweep.search and "lr" in frame.columns
-    fig, axes = plt.subplots(1, 2 if with_lr else 1, figsize=(12.5 if with_lr else 6.5, 4.6), squeeze=False)
+    fig = Figure(figsize=(12.5 if with_lr else 6.5, 4.6))
+    axes = fig.subplots(1, 2 if with_lr else 1, squeeze=False)
     ax = axes[0][0]
     groups = list(best.groupby(["algorithm", "topology"], sort=True))
     if best["alpha"].nunique() > 1:
@@ -400,7 +398,6 @@ def plot_sweep(frame: pd.DataFrame, best: pd.DataFrame, sweep: Sweep, path: Path
                                                   else [])), ha="center", va="bottom", fontsize=8, color="tab:red")
     fig.tight_layout(rect=(0, 0.035 * min(len(notes), 5), 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_reports(frame: pd.DataFrame, sweep: Sweep, out: Path) -> str:

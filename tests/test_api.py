@@ -4,7 +4,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import relay_ray
 from relay_ray import RunConfig, UserError, compare, resume, run
 
 

@@ -1,6 +1,7 @@
 """Figures explain themselves: trees drawn as trees, every CLI figure titled with the run and the
 command, diverged runs and zero consensus said in the figure."""
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -53,7 +54,9 @@ def figures(monkeypatch):
         title = fig._suptitle.get_text() if fig._suptitle is not None else ""
         texts = [t.get_text() for t in fig.texts] + [ax.get_title() for ax in fig.axes] + \
             [ax.get_xlabel() for ax in fig.axes]
-        saved.append((str(path), title, "\n".join(texts)))
+        name = Path(path if isinstance(path, (str, Path)) else path.name)  # or the file an atomic write renames
+        name = name.with_name(re.sub(r"^\.(.+)\.\d+\.tmp$", r"\1", name.name))
+        saved.append((str(name), title, "\n".join(texts)))
         return original(fig, path, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
@@ -68,7 +71,7 @@ def test_every_figure_of_the_cli_is_titled_with_the_run_and_the_command(figures,
                      "--algorithms", "relaysgd,allreduce", "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
     assert cli.main(["partition", "--dataset", "digits", "--workers", "8", "--plot", str(tmp_path / "p.png")]) == 0
     err = capsys.readouterr().err
-    titles = {str(Path(path).relative_to(tmp_path)).removesuffix(".tmp"): (title, texts)
+    titles = {str(Path(path).relative_to(tmp_path)): (title, texts)
               for path, title, texts in figures}
     assert set(titles) == {"t.png", "run/curves.png", "cmp/relaysgd/curves.png", "cmp/allreduce/curves.png",
                            "cmp/compare.png", "p.png"}, titles.keys()

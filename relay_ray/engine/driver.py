@@ -488,7 +488,7 @@ class Engine:
     def _replace(self, dead_groups: list[int], step: int) -> dict[int, int]:
         """Fresh actors in the dead groups' bundles; each of their workers adopts the model of its
         nearest surviving neighbour in the plan.  Returns {replaced rank: donor rank}."""
-        plan, exp = self.experiment.plan, self.experiment
+        plan = self.experiment.plan
         dead_ranks = {rank for g in dead_groups for rank in self.layout.groups[g]}
         group_of = {rank: g for g, ranks in enumerate(self.layout.groups) for rank in ranks}
         fresh = {g: self._start_actor(g) for g in dead_groups}
