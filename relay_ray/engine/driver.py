@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from relay_ray.checkpoint import Checkpoint, CheckpointStore
 from relay_ray.config import EngineOptions, RunConfig
-from relay_ray.engine import placement, quiet
+from relay_ray.engine import placement, quiet, telemetry
 from relay_ray.engine.actors import RemoteGroupActor
 from relay_ray.errors import Diverged, UserError, WorkerFailure
 from relay_ray.experiment import Experiment, build_experiment
@@ -100,6 +100,9 @@ class Engine:
         self.members: list[int] | None = None  # the ranks still training after --on-failure continue (None: all)
         self.failures: list[dict] = []  # the failures survived without a restart
         self.straggle = Straggle.parse(self.options.straggle, config.seed, config.num_workers)
+        self.run_name = telemetry.run_name(config.out)
+        self.gauges = telemetry.RunGauges(self.run_name)
+        self.generation: dict[int, int] = {}  # per group, how many actors have held it (names stay unique)
         self.data_ref = ray.put(self.experiment.task_data)  # once; actors read it zero-copy
         started = time.perf_counter()
         self._place()
@@ -135,7 +138,10 @@ class Engine:
     def _start_actor(self, g: int):
         """Group g's actor in its bundle of the placement group."""
         shape = self.shape
+        generation = self.generation.get(g, -1) + 1
+        self.generation[g] = generation
         return RemoteGroupActor.options(
+            name=telemetry.actor_name(self.run_name, g, self.layout.groups[g], generation),
             num_cpus=shape.cpus, num_gpus=shape.gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=self.first_bundle + g),
@@ -307,6 +313,7 @@ class Engine:
                     raise
                 raise failure from None
             bar.advance()
+            self.gauges.step(step, len(self.in_flight), self.num_members, self.restarts)
             if self.on_step is not None:
                 self.on_step(self, step)
             evaluate_now = config.evaluates_at(step, total)
@@ -314,10 +321,12 @@ class Engine:
             if not (evaluate_now or checkpoint_now):
                 continue
             self._settle()
+            self.gauges.step(step, 0, self.num_members, self.restarts, force=True)
             row = self._evaluate(step, start) if evaluate_now else None
             if row is not None:
                 recorder.record(row)
                 bar.report(row)
+                self.gauges.evaluation(row)
                 check_divergence(row)  # before a checkpoint: the newest one stays a good one
             checkpoint = (self._save_checkpoint(checkpoints, step, time.perf_counter() - start)
                           if checkpoint_now else None)
