@@ -66,7 +66,7 @@ def timed_steps(args, algorithm: str, steps: int, straggle: str | None, window: 
     with tempfile.TemporaryDirectory() as out:
         config = _config(args, algorithm, "ray", out)
         engine = Engine(config, build_experiment(config),
-                        EngineOptions(workers_per_actor=2, window=window, straggle=straggle))
+                        EngineOptions(workers_per_actor=args.workers_per_actor, window=window, straggle=straggle))
         try:
             return engine.run_steps(steps)["wall_s"]
         finally:
@@ -86,22 +86,24 @@ def table(frame: pd.DataFrame, target: float) -> str:
 
 
 def reading(frame: pd.DataFrame) -> str:
-    """What the table says, from its own numbers (ms per step at the largest window, and window 1 vs it)."""
+    """The table's facts in one paragraph: per algorithm, ms per step without delays and with each
+    straggle (and what the delays added), at the largest window; and how much the window moved any
+    delayed row.  The interpretation goes in a hand-written "### Reading" below (kept on reruns)."""
     per_step = frame.assign(ms=1000 * frame["wall_s"] / frame["steps"]).set_index(["algorithm", "straggle", "window"])["ms"]
     wide = max(frame["window"])
-    present = set(frame["algorithm"])
+    delayed = [s for s in frame["straggle"].unique() if s != "none"]
     parts = []
-    for straggle in [s for s in frame["straggle"].unique() if s != "none"]:
-        row = ", ".join(f"{a} {per_step[a, straggle, wide]:.0f}" for a in ALGORITHMS if a in present)
-        parts.append(f"with `{straggle}`: {row} ms per step")
-    spread = max(abs(per_step[a, s, w] / per_step[a, s, wide] - 1) for a, s, w in per_step.index if s != "none")
-    return ("Reading (window " + str(wide) + "): " + "; ".join(parts) + ".  A worker waits only for its neighbours, "
-            "but they waited for theirs the step before, so a delay reaches every actor of this 8-actor chain "
-            "within a few steps: over a run each step still waits for nearly the slowest actor, and the "
-            "barrier-free dataflow saves little against all-reduce here (larger graphs, where a delay takes "
-            "longer to spread, are not measured here).  A permanently slow worker sets everyone's pace.  The window moves no "
-            f"delayed row by more than {100 * spread:.0f}% (largest gap between any window and {wide}); it "
-            "pipelines the driver's own submissions, which shows only without delays.")
+    for algorithm in [a for a in ALGORITHMS if a in set(frame["algorithm"])]:
+        base = per_step.get((algorithm, "none", wide))
+        steps = [f"`{s}` {per_step[algorithm, s, wide]:.0f}" + (f" (+{per_step[algorithm, s, wide] - base:.0f})"
+                                                                 if base is not None else "") for s in delayed]
+        parts.append(f"{algorithm} {base:.0f} → " + ", ".join(steps) if base is not None else
+                     f"{algorithm} " + ", ".join(steps))
+    spread = max((abs(per_step[a, s, w] / per_step[a, s, wide] - 1) for a, s, w in per_step.index if s != "none"),
+                 default=0.0)
+    return (f"Facts (window {wide}, ms per step without delays → with them, and what they added): "
+            + "; ".join(parts) + f".  The window moves no delayed row by more than {100 * spread:.0f}% "
+            f"(largest gap between any window and {wide}).")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--straggles", nargs="+", default=["none", "slow:5:0.2", "jitter:0.1"],
                         help="straggle specs to compare ('none' = no injected delay)")
     parser.add_argument("--windows", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--workers-per-actor", type=int, default=2, help="K workers per actor (16 / K actors)")
     args = parser.parse_args(argv)
     import ray
 
@@ -139,11 +142,14 @@ def main(argv: list[str] | None = None) -> None:
         ray.shutdown()
     frame = pd.DataFrame(results)
     command = command_line("stragglers.py", argv)
+    actors = -(-16 // args.workers_per_actor)
+    section_title = SECTION if args.workers_per_actor == 2 else f"{SECTION[:-1]}, {actors} actors)"
     section = "\n".join([
-        SECTION,
+        section_title,
         "",
         f"`{command}` — {machine()}, load {load_average()}.  Digits, 16 workers, α = {args.alpha}, "
-        f"{args.epochs:g} epochs, seed {args.seed}, 2 workers per actor (8 actors; a group sleeps for the sum of its "
+        f"{args.epochs:g} epochs, seed {args.seed}, {args.workers_per_actor} workers per actor ({actors} actors; a group "
+        "sleeps for the sum of its "
         "workers' delays).  `slow:5:0.2`: worker 5 takes 200 ms more per step; `jitter:0.1`: every worker takes an "
         "exponential extra delay with mean 100 ms per step (the same draws for every algorithm).  The target step "
         "comes from an in-process run (delays never change a number); the seconds are that many steps on the Ray "
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         reading(frame),
     ])
-    write_section(ROOT / "benchmarks" / "RESULTS.md", SECTION, section)
+    write_section(ROOT / "benchmarks" / "RESULTS.md", section_title, section)
     print(section)
 
 
