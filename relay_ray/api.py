@@ -14,13 +14,12 @@ directory is never written into.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from relay_ray import preflight, rundir, runner
+from relay_ray import rundir, runner
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.metrics import read_rows
 
@@ -61,7 +60,6 @@ def run(config: RunConfig, options: EngineOptions | None = None, *, address: str
     """Train one configuration on its backend (``config.backend``: "ray" or "local")."""
     options = options or EngineOptions()
     rundir.check_out(config.out, overwrite=overwrite)
-    preflight.check_run(config, options, address)
     with rundir.claimed(config.out, overwrite=overwrite):
         summary = runner.run(config, options, address=address, progress=progress)
     return _result(config, summary)
@@ -93,17 +91,12 @@ def compare(configs: list[RunConfig], options: EngineOptions | None = None, *, o
             address: str | None = None, progress: bool = True) -> Comparison:
     """Run every config one after another on one Ray instance; ``out`` gets compare.md, compare.png
     and a run directory per algorithm."""
-    from relay_ray.comparison import compare as run_all
+    from relay_ray.comparison import run_comparison
 
     configs = [dataclasses.replace(c, out=None) for c in configs]  # compare places each run in out
-    table = run_all(configs, options, out_dir=out, address=address, progress=progress)
-    results = {c.algorithm: _result(c, _summary(Path(c.out)) if c.out else {}) for c in configs}
+    table, summaries, rows = run_comparison(configs, options, out_dir=out, address=address, progress=progress)
+    results = {c.algorithm: _result(c, summaries[c.algorithm], rows.get(c.algorithm, [])) for c in configs}
     return Comparison(table, results, Path(out) if out else None)
-
-
-def _summary(run_dir: Path) -> dict:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 @dataclass

@@ -16,11 +16,10 @@ import sys
 import threading
 from pathlib import Path
 
-from relay_ray import preflight, rundir, runner
+from relay_ray import preflight, rundir, runner, titles
 from relay_ray.config import DATA_HELP, EngineOptions, RunConfig, field_kind
 from relay_ray.errors import Diverged, Terminated, UserError, WorkerFailure, raise_terminated
 from relay_ray.runner import ResolvedRun, from_file, from_resume
-from relay_ray import titles
 from relay_ray.titles import command_stamp
 
 PROG = "relay-ray"

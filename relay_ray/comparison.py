@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from relay_ray import preflight, runner
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.errors import Diverged
 from relay_ray.experiment import build_experiment
-from relay_ray.metrics import plot_curves
+from relay_ray.metrics import plot_curves, read_rows
 from relay_ray.titles import command_stamp, layout_name
 
 
@@ -47,6 +46,12 @@ def markdown_table(summaries: dict[str, dict]) -> str:
 def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_dir: str | None = None,
             address: str | None = None, progress: bool = True) -> str:
     """Run every config (same data, split and seed) and return the Markdown table."""
+    return run_comparison(configs, options, out_dir, address, progress)[0]
+
+
+def run_comparison(configs: list[RunConfig], options: EngineOptions | None = None, out_dir: str | None = None,
+                   address: str | None = None, progress: bool = True) -> tuple[str, dict[str, dict], dict[str, list]]:
+    """``compare``, also returning each algorithm's summary and metrics rows (rows only with ``out_dir``)."""
     preflight.check_out(out_dir)
     for config in configs:  # runs one after another: each must fit on its own
         preflight.check_run(config, options, address)
@@ -72,8 +77,7 @@ def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_
             summary["layout"] = layout_name(config)
             summaries[config.algorithm] = summary
             if config.out:
-                rows[config.algorithm] = [json.loads(line) for line in
-                                          Path(config.out, "metrics.jsonl").read_text().splitlines()]
+                rows[config.algorithm] = read_rows(Path(config.out, "metrics.jsonl"))
     finally:
         if started_ray:
             import ray
@@ -88,4 +92,4 @@ def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_
                     title=f"{base.dataset} (alpha {base.alpha:g}), {base.num_workers} workers — {layouts}\n"
                           f"{command_stamp()}",
                     diverged={name: s["diverged"] for name, s in summaries.items() if s.get("diverged")})
-    return table
+    return table, summaries, rows

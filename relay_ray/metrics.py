@@ -165,6 +165,7 @@ class RunRecorder:
         self.out_dir = Path(out_dir) if out_dir else None
         self.config = config
         self.rows: list[dict] = []
+        self.events = TensorBoardLog(self.out_dir / TENSORBOARD_DIR, resume_step) if self.out_dir else None
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             config.dump(self.out_dir / "config.yaml", engine=engine)
@@ -172,12 +173,11 @@ class RunRecorder:
             if resume_step is not None:
                 self.rows = read_rows(self.metrics_path)
             self.truncate(resume_step or 0)
-        self.events = TensorBoardLog(self.out_dir / TENSORBOARD_DIR, resume_step) if self.out_dir else None
 
     def truncate(self, step: int) -> None:
         """Forget the rows after ``step`` (a run going back to a checkpoint will record them again)."""
         self.rows = [row for row in self.rows if row["step"] <= step]
-        if getattr(self, "events", None) is not None:
+        if self.events is not None:
             self.events.rewind(step)
         if self.out_dir is not None:
             write_atomic(self.metrics_path, "".join(json.dumps(row) + "\n" for row in self.rows))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.errors import UserError
-from relay_ray.topology import check_bounded, read_edge_list
+from relay_ray.topology import check_bounded, make_graph
 
 GB = 1e9
 CONNECT_TIMEOUT_S = 2.0
@@ -43,7 +43,6 @@ DATASET_SHAPES = {
     "mnist": ((1, 28, 28), 10, 60000, 10000),
     "cifar10": ((3, 32, 32), 10, 50000, 10000),
 }
-SOCIAL_EDGES = 89  # networkx's davis_southern_women_graph, the paper's 32-worker social network
 QUADRATICS_DIMENSION = 10  # relay_ray.quadratics.DIMENSION (imported lazily: numpy only, but keep this pure)
 
 
@@ -51,6 +50,8 @@ def check_run(config: RunConfig, options: EngineOptions | None = None, address: 
     """Everything that can be known before the experiment is built and Ray starts, cheapest first."""
     check_bounded(config.num_workers)
     check_out(config.out)
+    if config.backend == "local" and options is not None and options.straggle:
+        raise UserError("--straggle delays Ray actors; it needs --backend ray")
     address = address or os.environ.get("RAY_ADDRESS")
     on_this_machine = config.backend == "local" or not address
     if config.device == "cuda" and on_this_machine:
@@ -234,12 +235,11 @@ def _plan_edges(config: RunConfig) -> tuple[int, int]:
 
 
 def _graph_edges(config: RunConfig) -> int:
+    """The named or given graph's edges: built (sparse, n <= MAX_WORKERS), except the complete graph."""
     n = config.num_workers
-    if config.topology_file is not None:
-        return read_edge_list(config.topology_file, n).number_of_edges()  # bounded by the file's size
-    return {"ring": n, "chain": n - 1, "star": n - 1, "complete": n * (n - 1) // 2, "torus": 2 * n,
-            "binary-tree": n - 1, "exponential": n * max(1, math.ceil(math.log2(n))),
-            "social": SOCIAL_EDGES}[config.topology]
+    if config.topology == "complete":
+        return n * (n - 1) // 2
+    return make_graph(config.topology, n, config.topology_file).number_of_edges()
 
 
 def _num_actors(config: RunConfig, options: EngineOptions, num_cpus: int | None, num_gpus: int | None) -> int:

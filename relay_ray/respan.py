@@ -22,9 +22,8 @@ from relay_ray.topology import metropolis_hastings_weights, spanning_trees, topo
 
 @dataclass(frozen=True)
 class SurvivorPlan:
-    plan: CommPlan
+    plan: CommPlan  # its ``members`` are the survivors
     lr_scale: float
-    members: tuple[int, ...]
 
 
 class CannotRespan(Exception):
@@ -69,4 +68,4 @@ def survivor_plan(experiment: Experiment, members: list[int]) -> SurvivorPlan:
         weights[np.ix_(members, members)] = small
         plan = CommPlan.for_gossip(_back(graph, members, n), weights)
         lr_scale = config.lr_scale(1.0)
-    return SurvivorPlan(replace(plan, members=tuple(members)), lr_scale, tuple(members))
+    return SurvivorPlan(replace(plan, members=tuple(members)), lr_scale)

@@ -70,8 +70,6 @@ def run(config: RunConfig, options: EngineOptions | None = None, address: str | 
     if config.fill_rule is not None and config.drop_prob > 0:
         print(f"relay-ray: {fill_note(config)}", file=sys.stderr)
     if config.backend == "local":
-        if options is not None and options.straggle:
-            raise UserError("--straggle delays Ray actors; it needs --backend ray")
         from relay_ray.simulate import simulate
 
         return simulate(config, experiment=experiment, progress=progress, resume=resume)

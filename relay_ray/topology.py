@@ -246,15 +246,7 @@ def spectral_gap(weights: np.ndarray) -> float:
 
 def max_delay(trees: list[nx.Graph]) -> int:
     """The longest tree distance: after this many steps every worker has every model."""
-    return max(tree_diameter(tree) for tree in trees)
-
-
-def tree_diameter(tree: nx.Graph) -> int:
-    """The diameter of a tree in O(n): the farthest node from any node is one end of a longest path
-    (``nx.diameter`` takes every node's eccentricity, O(n^2))."""
-    start = next(iter(tree.nodes))
-    far = max(nx.single_source_shortest_path_length(tree, start).items(), key=lambda item: item[1])[0]
-    return max(nx.single_source_shortest_path_length(tree, far).values())
+    return max(nx.diameter(tree, usebounds=True) for tree in trees)  # bounds: O(n)-ish on trees, not n BFSs
 
 
 def _sum_of_distances(tree: nx.Graph) -> int:
@@ -348,28 +340,23 @@ def tree_layout(tree: nx.Graph, root: int | None = None) -> dict[int, tuple[floa
     """A hierarchical layout: depth d at y = -d, leaves at consecutive x in depth-first order, every
     inner node centred over its children, so each node sits below its parent."""
     root = tree_root(tree) if root is None else root
-    pos: dict[int, tuple[float, float]] = {}
-    next_leaf = 0.0
-
-    def place(node: int, parent: int | None, depth: int) -> float:
-        nonlocal next_leaf
-        children = sorted(child for child in tree.neighbors(node) if child != parent)
-        if children:
-            xs = [place(child, node, depth + 1) for child in children]
-            x = (min(xs) + max(xs)) / 2
-        else:
-            x, next_leaf = next_leaf, next_leaf + 1
-        pos[node] = (x, -float(depth))
-        return x
-
-    import sys
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 4 * tree.number_of_nodes() + 100))  # a chain is n deep
-    try:
-        place(root, None, 0)
-    finally:
-        sys.setrecursionlimit(limit)
-    return pos
+    children: dict[int, list[int]] = {}
+    depth, order, stack = {root: 0}, [], [root]
+    while stack:  # depth-first, children in id order (no recursion: a chain is n deep)
+        node = stack.pop()
+        order.append(node)
+        children[node] = sorted(child for child in tree.neighbors(node) if child not in depth)
+        for child in children[node]:
+            depth[child] = depth[node] + 1
+        stack.extend(reversed(children[node]))
+    x: dict[int, float] = {}
+    leaves = (node for node in order if not children[node])
+    for i, leaf in enumerate(leaves):
+        x[leaf] = float(i)
+    for node in reversed(order):  # children before their parent
+        if children[node]:
+            x[node] = (min(x[c] for c in children[node]) + max(x[c] for c in children[node])) / 2
+    return {node: (x[node], -float(depth[node])) for node in order}
 
 
 TREE_COLOURS = ("tab:blue", "tab:orange")

@@ -207,6 +207,8 @@ def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = Non
     """Run (or resume) a sweep; writes results.csv, best.md and sweep.png into ``out``; returns best.md's table.
 
     ``progress``: ``lines`` (one relay-ray line per finished trial), ``tune`` (Tune's own tables) or ``none``."""
+    if progress not in PROGRESS:
+        raise UserError(f"progress must be one of {', '.join(PROGRESS)}, got {progress!r}")
     out = Path(out).resolve()
     saved = out / "sweep.yaml"
     sweep = load_sweep(sweep_file, {"data_dir": str(Path(data_dir).resolve())} if data_dir else None)

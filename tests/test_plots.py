@@ -39,7 +39,7 @@ def test_tree_layout_places_every_node_one_level_below_its_parent(tree):
             assert min(xs) <= pos[node][0] <= max(xs)
 
 
-def test_tree_layout_of_a_long_chain_needs_no_deep_recursion_setting():
+def test_a_long_chain_is_drawn_from_its_centre():
     pos = tree_layout(nx.path_graph(3000))
     assert min(y for _, y in pos.values()) == -1500  # drawn from its centre: two branches of 1500
 

@@ -8,7 +8,7 @@ from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.engine import Engine
 from relay_ray.errors import UserError
 from relay_ray.experiment import build_experiment
-from relay_ray.runner import run
+from relay_ray.api import run
 from relay_ray.simulate import simulate
 from relay_ray.straggle import Straggle
 
@@ -61,19 +61,20 @@ def test_local_backend_refuses_straggle(tmp_path):
 
 @pytest.mark.ray
 def test_delays_cost_wall_time_and_change_no_number(ray_local, tmp_path):
-    """A slow worker (rank 5, 50 ms per step) and jitter on everyone: the rows equal the in-process
-    simulator's, and the run took at least rank 5's 20 x 50 ms (a lower bound a sleep guarantees)."""
+    """A slow worker (rank 5, 150 ms per step) and jitter on everyone: the rows equal the in-process
+    simulator's, and the run took at least rank 5's 20 x 150 ms (a lower bound a sleep guarantees,
+    several times what these 20 logreg steps take without delays)."""
     settings = dict(algorithm="relaysgd", num_workers=8, dataset="digits", alpha=0.1, model="logreg", steps=20,
                     eval_every=10, seed=3, lr=0.1)
     config = RunConfig(**settings, backend="ray", out=str(tmp_path / "ray"))
     engine = Engine(config, build_experiment(config),
-                    EngineOptions(workers_per_actor=2, straggle="slow:5:0.05+jitter:0.005"))
+                    EngineOptions(workers_per_actor=2, straggle="slow:5:0.15+jitter:0.005"))
     try:
         summary = engine.run(progress=False)
     finally:
         engine.shutdown()
-    assert summary["engine"]["straggle"] == "slow:5:0.05+jitter:0.005"
-    assert summary["wall_s"] >= 20 * 0.05
+    assert summary["engine"]["straggle"] == "slow:5:0.15+jitter:0.005"
+    assert summary["wall_s"] >= 20 * 0.15
     simulate(RunConfig(**settings, backend="local", out=str(tmp_path / "local")), progress=False)
     rows = [[json.loads(line) for line in (tmp_path / side / "metrics.jsonl").read_text().splitlines()]
             for side in ("ray", "local")]

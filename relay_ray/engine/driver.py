@@ -97,7 +97,6 @@ class Engine:
         self.in_flight: collections.deque[list] = collections.deque()  # per step, its tasks' step counts (small refs)
         self.history: collections.deque[tuple[int, list[list]]] = collections.deque()  # (step, outboxes), recent
         self.submitted = 0  # the last step submitted
-        self.members: list[int] | None = None  # the ranks still training after --on-failure continue (None: all)
         self.failures: list[dict] = []  # the failures survived without a restart
         self.straggle = Straggle.parse(self.options.straggle, config.seed, config.num_workers)
         self.run_name = telemetry.run_name(config.out)
@@ -150,10 +149,7 @@ class Engine:
 
     def shutdown(self) -> None:
         for actor in self.actors:
-            try:
-                ray.kill(actor)
-            except ActorHandleNotFoundError:  # its process is already gone (a SIGKILLed actor)
-                pass
+            self._let_go(actor)
         self.actors = []
         if self.owns_pg and self.pg is not None:
             placement.remove_and_wait(self.pg)
@@ -162,7 +158,6 @@ class Engine:
     def _restart_actors(self) -> None:
         """New actors for all workers, in a new placement group sized for the nodes still alive."""
         self.shutdown()
-        self.members = None
         if self.owns_pg:
             try:
                 self._place()
@@ -246,8 +241,18 @@ class Engine:
         return 0 if self.options.on_failure == "restart" else self.options.window + 3
 
     @property
+    def members(self) -> list[int]:
+        """The ranks still training: all of them, or the survivors after --on-failure continue."""
+        return sorted(rank for ranks in self.layout.groups for rank in ranks)
+
+    @property
     def num_members(self) -> int:
-        return self.config.num_workers if self.members is None else len(self.members)
+        return sum(len(ranks) for ranks in self.layout.groups)
+
+    @property
+    def _fill_after_failure(self) -> str | None:
+        """RelaySGD's fill rule once a worker has died (a lost neighbour's mass: the receiver's model)."""
+        return "current" if self.config.algorithm == "relaysgd" else None
 
     def _metric(self) -> str:
         return "test_acc" if self.config.dataset != "quadratics" else "suboptimality"
@@ -302,7 +307,7 @@ class Engine:
         """Steps ``first`` .. total-1: submit, evaluate and checkpoint at step boundaries."""
         config, total = self.config, self.experiment.total_steps
         self.outboxes, self.in_flight, self.history, self.submitted = None, collections.deque(), collections.deque(), first
-        if self.members is not None:
+        if self.num_members < config.num_workers:
             checkpoints = None  # a checkpoint holds every rank; the survivors' plan is not the run's
         for step in range(first + 1, total + 1):
             try:
@@ -407,7 +412,7 @@ class Engine:
         alive = [g for g in range(len(self.actors)) if g not in dead_groups]
         if not alive:
             raise _CannotSurvive("no worker survived")
-        at, settled, step = self._survivors_state(alive)
+        at, settled = self._survivors_state(alive)
         self._catch_up(alive, dead_groups, at, settled)
         step = max(at.values())
         lost = sorted(rank for g in dead_groups for rank in layout.groups[g])
@@ -431,7 +436,7 @@ class Engine:
             check_divergence(row)
         return step
 
-    def _survivors_state(self, alive: list[int]) -> tuple[dict, dict, int]:
+    def _survivors_state(self, alive: list[int]) -> tuple[dict, dict]:
         """Wait for every task in flight (a task whose input died fails without running), then
         each surviving group's step count and whether it has received its last step's messages."""
         pending = [ref for done in self.in_flight for ref in done]
@@ -442,7 +447,7 @@ class Engine:
         states = self._guarded(_fetch, [self.actors[g].status.remote() for g in alive], self.submitted)
         at = {g: state[0] for g, state in zip(alive, states)}
         settled = {g: state[1] for g, state in zip(alive, states)}
-        return at, settled, max(at.values())
+        return at, settled
 
     def _catch_up(self, alive: list[int], dead_groups: list[int], at: dict, settled: dict) -> None:
         """Steps min(at)+1 .. max(at) for the survivors behind, then every survivor's averaging at
@@ -479,18 +484,18 @@ class Engine:
         """The survivors take the re-spanned plan; the dead actors are let go."""
         from relay_ray.respan import CannotRespan, survivor_plan
 
-        members = sorted(set(self.members if self.members is not None else range(self.config.num_workers)) - set(lost))
+        members = sorted(set(self.members) - set(lost))
         try:
             survivors = survivor_plan(self.experiment, members)
         except CannotRespan as exc:
             raise _CannotSurvive(str(exc)) from None
         layout = GroupLayout.from_groups(survivors.plan, [self.layout.groups[g] for g in alive])
-        fill = "current" if self.config.algorithm == "relaysgd" else None
-        self._guarded(_fetch, [self.actors[g].reconfigure.remote(survivors.plan, layout, i, survivors.lr_scale, fill)
+        self._guarded(_fetch, [self.actors[g].reconfigure.remote(survivors.plan, layout, i, survivors.lr_scale,
+                                                                 self._fill_after_failure)
                                for i, g in enumerate(alive)], self.submitted)
         for g in set(range(len(self.actors))) - set(alive):
             self._let_go(self.actors[g])
-        self.actors, self.layout, self.members = [self.actors[g] for g in alive], layout, members
+        self.actors, self.layout = [self.actors[g] for g in alive], layout
         scale = f"; lr x{survivors.lr_scale:.3g} for the new tree" if self.config.algorithm == "relaysgd" else ""
         return f"{scale}; checkpoints stop" if self.config.checkpoint_every else scale
 
@@ -508,7 +513,7 @@ class Engine:
                 self._let_go(actor)
             raise _CannotSurvive(f"a replacement did not start: {_first_line(exc)}") from None
         donors = {rank: _nearest_alive(plan, rank, dead_ranks) for rank in sorted(dead_ranks)}
-        fill = "current" if self.config.algorithm == "relaysgd" else None
+        fill = self._fill_after_failure
         adopted = [fresh[g].adopt.remote(step, fill, *[self.actors[group_of[donors[r]]].params_of.remote(donors[r])
                                                        for r in self.layout.groups[g]]) for g in dead_groups]
         survivors = [actor.set_fill.remote(fill) for g, actor in enumerate(self.actors) if g not in fresh]
