@@ -28,6 +28,8 @@ DROP_FILL = "last"
 # averages epochs 196 and 200 of 200: 2 %).
 FINAL_EVALS_SPACING = 0.02
 DEVICES = ("cpu", "cuda")
+TENSOR_KINDS = ("auto", "numpy", "torch")
+WORKER_BATCHINGS = ("auto", "loop", "vmap")
 ENGINE_RECORD = "engine"  # the key of config.yaml that records how the run executed
 
 # Per-task defaults for the settings left unset: what a user gets from `relay-ray run --dataset X`.
@@ -130,6 +132,15 @@ class RunConfig:
     seed: int = setting(0, "random seed: data split, init, batches (default: 0)")
     device: str = setting("cpu", f"where each worker's model computes: {', '.join(DEVICES)}; cuda on Ray gives "
                           "each actor a GPU unless --gpus-per-actor says otherwise (default: cpu)", choices=DEVICES)
+    tensors: str = setting("auto", "where the algorithm state (models, momentum, relay buffers) lives: numpy = host "
+                           "memory (with cuda every step copies the model to the GPU and back); torch = torch tensors on "
+                           "--device, so nothing leaves a GPU between steps but the messages that cross actors; auto = numpy on cpu (fastest there), torch on cuda "
+                           "(default: auto)", choices=TENSOR_KINDS, resumable=True)
+    worker_batching: str = setting("auto", "how the workers sharing a process compute gradients: loop = one after "
+                                   "another; vmap = one batched forward/backward over all of them (torch.func.vmap; "
+                                   "dropout masks then come from one stream per process); auto = vmap on cuda, loop "
+                                   "on cpu (measured fastest on each, benchmarks/gpu_throughput.py) (default: auto)",
+                                   choices=WORKER_BATCHINGS, resumable=True)
     drop_prob: float = setting(0.0, "unreliable links: each received message is lost with probability P, seeded per "
                                "step and edge; RelaySGD fills the gap per --relay-fill, gossip renormalises (default: 0)",
                                metavar="P")
@@ -200,6 +211,8 @@ class RunConfig:
         if self.keep < 1:
             raise UserError(f"--keep must be at least 1, got {self.keep}")
         _choice("device", self.device, DEVICES)
+        _choice("tensors", self.tensors, TENSOR_KINDS)
+        _choice("worker-batching", self.worker_batching, WORKER_BATCHINGS)
         if self.momentum is not None and not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay is not None and self.weight_decay < 0:
@@ -280,6 +293,18 @@ class RunConfig:
         if self.relay_fill != "auto":
             return self.relay_fill
         return DROP_FILL if self.drop_prob > 0 else "x0"
+
+    @property
+    def tensor_kind(self) -> str:
+        """``numpy`` or ``torch``: --tensors with auto resolved for --device."""
+        if self.tensors != "auto":
+            return self.tensors
+        return "torch" if self.device == "cuda" else "numpy"
+
+    @property
+    def batches_workers(self) -> bool:
+        """Whether a process's workers compute their gradients in one vmap call (--worker-batching)."""
+        return self.worker_batching == "vmap" or (self.worker_batching == "auto" and self.device == "cuda")
 
     def evaluates_at(self, step: int, total_steps: int) -> bool:
         """Evaluate after ``step`` steps: every eval_every steps, at the end, and (--final-evals k) at

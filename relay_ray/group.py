@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from relay_ray import tensors
 from relay_ray.algorithms import CommPlan
 from relay_ray.experiment import WorkerSpec
-from relay_ray.worker import Worker
+from relay_ray.worker import Worker, gradients
 
 Edge = tuple[int, int]  # (sender, receiver)
 Link = tuple[int, tuple[Edge, ...]]  # (the other group, the crossing edges between the two, in a fixed order)
@@ -99,6 +100,7 @@ class WorkerGroup:
         self.workers = [self.worker_class(spec, task_data, num_threads) for spec in specs]
         self.ranks = [spec.rank for spec in specs]
         self.plan = specs[0].plan
+        self.batched = specs[0].config.batches_workers
         self.incoming_links = layout.incoming[group]
         self.outgoing_links = layout.outgoing[group]
         self.local: dict[Edge, np.ndarray] = {}  # this step's messages between workers of this group
@@ -125,14 +127,26 @@ class WorkerGroup:
         return [[messages[(j, w.rank)] for j in self.plan.neighbors[w.rank]] for w in self.workers]
 
     def step(self, has_inbox: bool, *bundles: list[np.ndarray]) -> list[list[np.ndarray]]:
-        """One step of every worker; returns one bundle of messages per outgoing link, in ``outgoing`` order."""
-        inboxes = self._inboxes(bundles) if has_inbox else [[] for _ in self.workers]
+        """One step of every worker; returns one bundle of messages per outgoing link, in ``outgoing`` order.
+
+        Messages between this group's workers stay in its memory (on its device, with torch state);
+        only the bundles to other groups become host numpy arrays."""
+        if has_inbox:
+            self.receive(*bundles)
+        if self.batched:
+            with self._remember_failure(self.ranks[0]):
+                results = gradients(self.workers, batched=True)
+        else:
+            results = []
+            for worker in self.workers:
+                with self._remember_failure(worker.rank):
+                    results += gradients([worker], batched=False)
         sent: dict[Edge, np.ndarray] = {}
-        for worker, inbox in zip(self.workers, inboxes):
+        for worker, (loss, grad) in zip(self.workers, results):
             with self._remember_failure(worker.rank):
-                for j, message in zip(self.plan.neighbors[worker.rank], worker.step(*inbox)):
+                for j, message in zip(self.plan.neighbors[worker.rank], worker.advance(loss, grad)):
                     sent[(worker.rank, j)] = message
-        bundles_out = [[sent.pop(edge) for edge in edges] for _, edges in self.outgoing_links]
+        bundles_out = [[tensors.to_host(sent.pop(edge)) for edge in edges] for _, edges in self.outgoing_links]
         self.local = sent
         self.settled = False
         return bundles_out
@@ -154,11 +168,11 @@ class WorkerGroup:
 
     def params_sum(self) -> np.ndarray:
         """The float64 sum of this group's models: its part of the averaged model."""
-        return np.sum([np.asarray(w.params(), dtype=np.float64) for w in self.workers], axis=0)
+        return np.sum([np.asarray(w.host_params(), dtype=np.float64) for w in self.workers], axis=0)
 
     def squared_deviation(self, mean: np.ndarray) -> float:
         """sum over this group's workers of ||x_i - mean||^2: its part of the consensus distance."""
-        return float(sum(np.sum((np.asarray(w.params(), dtype=np.float64) - mean) ** 2) for w in self.workers))
+        return float(sum(np.sum((np.asarray(w.host_params(), dtype=np.float64) - mean) ** 2) for w in self.workers))
 
     def evaluate_params(self, params: np.ndarray) -> float:
         """The task metric of another model (the averaged one) with the first worker's evaluator."""
@@ -179,7 +193,7 @@ class WorkerGroup:
         return self.step_count, self.settled
 
     def params_of(self, rank: int) -> np.ndarray:
-        return next(w for w in self.workers if w.rank == rank).params()
+        return next(w for w in self.workers if w.rank == rank).host_params()
 
     def set_fill(self, fill: str | None) -> None:
         """RelaySGD's fill rule from now on (``current`` once a worker has died); others have none."""

@@ -1,8 +1,10 @@
-"""Local optimizer and learning-rate schedule (pure numpy; the momentum buffer never leaves a worker)."""
+"""Local optimizer and learning-rate schedule (numpy or torch state; the momentum buffer never leaves a worker)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from relay_ray import tensors
 
 
 class NesterovSGD:
@@ -12,10 +14,11 @@ class NesterovSGD:
     which is what every algorithm adds to its model before communicating (DESIGN §1).
     """
 
-    def __init__(self, num_params: int, momentum: float, weight_decay: float):
+    def __init__(self, num_params: int, momentum: float, weight_decay: float, like=None):
+        """``like``: an array of the kind (numpy / torch on a device) the buffer lives in (default numpy)."""
         self.momentum = momentum
         self.weight_decay = weight_decay
-        self.buffer = np.zeros(num_params, dtype=np.float32)
+        self.buffer = np.zeros(num_params, dtype=np.float32) if like is None else tensors.zeros_like(tensors.float32(like))
 
     def direction(self, params: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(descent direction, new momentum buffer) without committing the buffer."""
@@ -25,15 +28,15 @@ class NesterovSGD:
         buffer = self.momentum * self.buffer + g
         return g + self.momentum * buffer, buffer
 
-    def update(self, params: np.ndarray, grad: np.ndarray, lr: float) -> np.ndarray:
+    def update(self, params, grad, lr: float):
         direction, self.buffer = self.direction(params, grad)
-        return (-lr * direction).astype(np.float32, copy=False)
+        return tensors.float32(-lr * direction)
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.copy()}
+        return {"buffer": np.array(tensors.to_host(self.buffer))}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer = np.array(state["buffer"], dtype=np.float32)
+        self.buffer = tensors.clone(tensors.like(state["buffer"], self.buffer))
 
 
 def learning_rate(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0,

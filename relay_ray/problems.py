@@ -1,7 +1,8 @@
 """What one worker optimises: its local loss and gradient at a flat parameter vector, and evaluation.
 
-Two kinds: the quadratics task and classification with a torch model on a data shard.  Both
-expose flat float32 numpy parameters, which is what the algorithms and messages use.
+Two kinds: the quadratics task and classification with a torch model on a data shard.  Both take
+the flat float32 parameters the algorithms hold, numpy or torch (``relay_ray.tensors``), and return
+the gradient in the same kind: with torch state on a GPU the step never leaves the device.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
 
+from relay_ray import tensors
 from relay_ray.data import ArrayDataset, augment_batch, normalize_batch
 from relay_ray.errors import UserError
 from relay_ray.models import build_model
@@ -28,13 +31,13 @@ class QuadraticsProblem:
     def initial_params(self) -> np.ndarray:
         return np.zeros(self.task.dimension, dtype=np.float32)
 
-    def loss_and_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
-        loss, grad = self.task.local_loss_and_grad(self.rank, params)
-        return loss, grad.astype(np.float32)
+    def loss_and_grad(self, params):
+        loss, grad = self.task.local_loss_and_grad(self.rank, tensors.to_host(params))
+        return loss, tensors.like(grad.astype(np.float32), params)
 
-    def evaluate(self, params: np.ndarray) -> float:
+    def evaluate(self, params) -> float:
         """F(x) - F* of the global objective at this model."""
-        return self.task.suboptimality(params)
+        return self.task.suboptimality(tensors.to_host(params))
 
     def state_dict(self) -> dict:
         return {}
@@ -69,6 +72,8 @@ class ClassificationProblem:
         # dropout draws from torch's global RNG, which the workers of one process share: reseed it
         # from this worker's own stream before each forward, so masks do not depend on call order
         self.stochastic = any(isinstance(m, torch.nn.Dropout) for m in self.model.modules())
+        self.named_shapes = [(name, p.shape) for name, p in self.model.named_parameters()]
+        self.train_on_device = _training_set_on(dataset, self.device)
         self.order = np.empty(0, dtype=np.int64)
         self.position = 0
         test_size = len(dataset.y_test)
@@ -92,25 +97,59 @@ class ClassificationProblem:
     def _inputs(self, images: np.ndarray, train: bool) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images))
         if train and self.dataset.augment:
-            x = augment_batch(x, self.generator)  # on the CPU, so CPU and GPU runs draw the same crops
+            x = augment_batch(x, self.generator)  # draws on the CPU, so CPU and GPU runs draw the same crops
         return normalize_batch(x.to(self.device), self.dataset.mean, self.dataset.std)
 
-    def loss_and_grad(self, params: np.ndarray) -> tuple[float, np.ndarray]:
-        self.flat.copy_(torch.from_numpy(params))
+    def train_batch(self) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """The next (inputs, labels) on the device, and the dropout seed of this step (None: no dropout).
+
+        The draws (order, crops, flips, seed) come from this worker's CPU generator in a fixed order,
+        wherever the images are gathered, so every device and batching mode sees the same batches."""
         batch = self._next_batch()
-        x = self._inputs(self.dataset.x_train[batch], train=True)
-        y = torch.from_numpy(self.dataset.y_train[batch]).to(self.device)
+        if self.train_on_device is not None:
+            images, labels = self.train_on_device
+            index = torch.from_numpy(batch).to(self.device)
+            x, y = images[index], labels[index]
+            if self.dataset.augment:
+                x = augment_batch(x, self.generator)  # draws on the CPU, gathers on the device
+            x = normalize_batch(x, self.dataset.mean, self.dataset.std)
+        else:
+            x = self._inputs(self.dataset.x_train[batch], train=True)
+            y = torch.from_numpy(self.dataset.y_train[batch]).to(self.device)
+        seed = int(torch.randint(2 ** 62, (1,), generator=self.generator)) if self.stochastic else None
+        return x, y, seed
+
+    def _load(self, params) -> None:
+        self.flat.copy_(params if tensors.is_torch(params) else torch.from_numpy(np.asarray(params)))
+
+    def loss_and_grad(self, params):
+        """(loss, flat gradient) at ``params``; torch state gets a tensor loss and gradient on the device
+        (nothing waits for the GPU), numpy state a float and a numpy gradient."""
+        self._load(params)
+        x, y, seed = self.train_batch()
         self.model.train()
-        if self.stochastic:
-            torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=self.generator)))
+        if seed is not None:
+            torch.manual_seed(seed)
         loss = F.cross_entropy(self.model(x), y)
         grads = torch.autograd.grad(loss, list(self.model.parameters()))
-        return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads]).cpu().numpy()
+        grad = torch.cat([g.reshape(-1) for g in grads])
+        if tensors.is_torch(params):
+            return loss.detach(), grad
+        return float(loss.detach()), grad.cpu().numpy()
+
+    def split(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named ``(K, *shape)`` views of ``K`` stacked flat parameter vectors (for ``functional_call``)."""
+        views, offset = {}, 0
+        for name, shape in self.named_shapes:
+            size = shape.numel()
+            views[name] = stacked[:, offset:offset + size].unflatten(1, shape)
+            offset += size
+        return views
 
     @torch.no_grad()
-    def evaluate(self, params: np.ndarray, chunk: int = 1000) -> float:
+    def evaluate(self, params, chunk: int = 1000) -> float:
         """Test accuracy of this model on the (subset of the) test set."""
-        self.flat.copy_(torch.from_numpy(params))
+        self._load(params)
         self.model.eval()
         correct = 0
         for start in range(0, len(self.test_indices), chunk):
@@ -126,3 +165,60 @@ class ClassificationProblem:
         self.generator.set_state(state["generator"])
         self.order = np.array(state["order"], dtype=np.int64)
         self.position = int(state["position"])
+
+
+# The training set on a device, once per process and shared by its workers: {(id, device): (dataset, x, y)}
+# (the dataset itself is kept so its id is never reused by another).
+_ON_DEVICE: dict[tuple[int, str], tuple[ArrayDataset, torch.Tensor, torch.Tensor] | None] = {}
+DEVICE_DATA_SHARE = 0.25  # the training set moves to the GPU when it takes at most this share of free memory
+
+
+def _training_set_on(dataset: ArrayDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(images, labels) of the training set on ``device`` (uint8 as stored: CIFAR-10 is 150 MB), or
+    None on the CPU or where it does not fit; batches are then gathered on the host, as before."""
+    if device.type != "cuda":
+        return None
+    key = (id(dataset), str(device))
+    if key not in _ON_DEVICE:
+        free, _ = torch.cuda.mem_get_info(device)
+        if dataset.x_train.nbytes + dataset.y_train.nbytes > DEVICE_DATA_SHARE * free:
+            _ON_DEVICE[key] = None
+        else:
+            _ON_DEVICE[key] = (dataset, torch.from_numpy(np.ascontiguousarray(dataset.x_train)).to(device),
+                               torch.from_numpy(np.ascontiguousarray(dataset.y_train)).to(device))
+    entry = _ON_DEVICE[key]
+    return None if entry is None else entry[1:]
+
+
+def can_batch(problems: list) -> bool:
+    """vmap needs classification problems of one model and one batch shape (equal batch sizes)."""
+    return (len(problems) > 1 and all(isinstance(p, ClassificationProblem) for p in problems)
+            and len({(p.batch_size, str(p.device), tuple(p.named_shapes)) for p in problems}) == 1)
+
+
+def batched_loss_and_grad(problems: list[ClassificationProblem], params: list) -> list[tuple]:
+    """Every problem's (loss, flat gradient) from one vmapped forward/backward over the stacked models.
+
+    Each problem draws its own batch exactly as ``loss_and_grad`` does (same samples, crops, flips);
+    with dropout the masks come from the first worker's seed of the step (one stream for the
+    process, as vmap draws them), so they differ from the loop's per-worker masks.
+    """
+    first = problems[0]
+    draws = [p.train_batch() for p in problems]
+    inputs, labels = torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws])
+    stacked = torch.stack([p if tensors.is_torch(p) else torch.from_numpy(np.asarray(p)) for p in params])
+    stacked = stacked.to(first.device)
+    first.model.train()
+
+    def loss_of(named, x, y):
+        return F.cross_entropy(functional_call(first.model, named, (x,)), y)
+
+    if first.stochastic:
+        torch.manual_seed(draws[0][2])
+    grads, losses = vmap(grad_and_value(loss_of), randomness="different" if first.stochastic else "error")(
+        first.split(stacked), inputs, labels)
+    flat = torch.cat([grads[name].flatten(1) for name, _ in first.named_shapes], dim=1)
+    if tensors.is_torch(params[0]):
+        return [(losses[k], flat[k]) for k in range(len(problems))]
+    losses_host, flat_host = losses.cpu().numpy(), flat.cpu().numpy()
+    return [(float(losses_host[k]), flat_host[k]) for k in range(len(problems))]

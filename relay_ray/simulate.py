@@ -12,12 +12,12 @@ from relay_ray.config import RunConfig
 from relay_ray.experiment import Experiment, build_experiment
 from relay_ray.errors import Diverged
 from relay_ray.metrics import Progress, RunRecorder, check_divergence, consensus_distance, eval_row, summarize
-from relay_ray.worker import Worker
+from relay_ray.worker import Worker, step_workers
 
 
 def evaluate(workers: list[Worker], metric: str, step: int, wall_s: float) -> dict:
     per_worker = [w.evaluate() for w in workers]
-    params = [w.params() for w in workers]
+    params = [w.host_params() for w in workers]
     average = np.mean(np.asarray(params, dtype=np.float64), axis=0).astype(np.float32)
     return eval_row(step, per_worker, workers[0].evaluate_params(average), consensus_distance(params), wall_s,
                     metric)
@@ -46,7 +46,7 @@ def simulate(config: RunConfig, experiment: Experiment | None = None, progress: 
     try:
         for step in range(first, total):
             inboxes = experiment.plan.route(outboxes) if outboxes is not None else [[] for _ in workers]
-            outboxes = [w.step(*inbox) for w, inbox in zip(workers, inboxes)]
+            outboxes = step_workers(workers, inboxes, config.batches_workers)
             bar.advance()
             done = step + 1
             evaluate_now, checkpoint_now = config.evaluates_at(done, total), config.checkpoints_at(done)

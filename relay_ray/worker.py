@@ -11,12 +11,12 @@ import dataclasses
 import numpy as np
 import torch
 
-from relay_ray import checkpoint
+from relay_ray import checkpoint, tensors
 from relay_ray.algorithms import make_algorithm
 from relay_ray.data import ArrayDataset
 from relay_ray.experiment import WorkerSpec
 from relay_ray.optim import learning_rate
-from relay_ray.problems import ClassificationProblem, QuadraticsProblem
+from relay_ray.problems import ClassificationProblem, QuadraticsProblem, batched_loss_and_grad, can_batch
 from relay_ray.quadratics import QuadraticsTask
 
 
@@ -50,7 +50,8 @@ class Worker:
         self.config = spec.config
         self.rank = spec.rank
         self.problem = make_problem(spec, task_data)
-        self.algorithm = make_algorithm(self.config.algorithm, spec.rank, spec.plan, self.problem.initial_params(),
+        x0 = tensors.as_state(self.problem.initial_params(), self.config.tensor_kind, self.config.device)
+        self.algorithm = make_algorithm(self.config.algorithm, spec.rank, spec.plan, x0,
                                         self.config.momentum, self.config.weight_decay, self.config.fill_rule)
         self.step_count = 0
         self.bytes_sent = 0
@@ -62,40 +63,56 @@ class Worker:
         return len(self.algorithm.neighbors)
 
     def _unreliable(self, inbox: tuple) -> list:
-        """The inbox as an unreliable link delivers it: a dropped message is ``None`` (DESIGN §1)."""
+        """The inbox as an unreliable link delivers it: a dropped message is ``None`` (DESIGN §1).
+
+        A message from another process arrives as numpy; it joins the state's kind and device here."""
         p, sent_at = self.config.drop_prob, self.step_count - 1  # the messages of the step just taken
-        return [None if message_dropped(self.config.seed, sent_at, j, self.rank, p) else message
+        params = self.algorithm.params
+        return [None if message_dropped(self.config.seed, sent_at, j, self.rank, p) else tensors.like(message, params)
                 for j, message in zip(self.algorithm.neighbors, inbox)]
 
-    def receive(self, *inbox: np.ndarray | None) -> None:
+    def receive(self, *inbox) -> None:
         """Finish the previous step's averaging with the neighbours' messages."""
         self.algorithm.incoming(self._unreliable(inbox))
 
-    def step(self, *inbox: np.ndarray | None) -> list[np.ndarray]:
+    def step(self, *inbox) -> list:
         """Finish the previous averaging (if messages are given), take a local step, return messages.
 
-        The messages are in ``neighbors`` order, one per neighbour.
+        The messages are in ``neighbors`` order, one per neighbour, in the state's kind.
         """
         if inbox:
-            self.algorithm.incoming(self._unreliable(inbox))
+            self.receive(*inbox)
+        loss, grad = self.problem.loss_and_grad(self.algorithm.params)
+        return self.advance(loss, grad)
+
+    def advance(self, loss, grad) -> list:
+        """The local step with this gradient (computed by ``step`` or batched with other workers'),
+        then this step's messages."""
         config = self.config
         lr = self.spec.lr_scale * learning_rate(self.step_count, config.lr, self.spec.total_steps,
                                                 self.spec.warmup_steps, tuple(config.decay_at))
-        loss, grad = self.problem.loss_and_grad(self.algorithm.params)
         self.algorithm.local_step(grad, lr)
         messages = self.algorithm.outgoing()
-        self.losses.append(loss)
+        self.losses.append(loss)  # a tensor on the device with torch state: read at the next evaluation
         self.step_count += 1
         self.samples_seen += self.problem.samples_per_step
         self.bytes_sent += sum(m.nbytes for m in messages)
         return messages
 
-    def params(self) -> np.ndarray:
+    def params(self):
+        """The model in the state's kind (numpy, or torch on the device)."""
         return self.algorithm.params
+
+    def host_params(self) -> np.ndarray:
+        return tensors.to_host(self.algorithm.params)
+
+    def _train_losses(self) -> list[float]:
+        return [float(v) for v in self.losses]
 
     def evaluate(self) -> dict:
         """Small metrics dict of this worker's current model (call after ``receive``)."""
-        train_loss = float(np.mean(self.losses)) if self.losses else float("nan")
+        losses = self._train_losses()
+        train_loss = float(np.mean(losses)) if losses else float("nan")
         self.losses = []
         return {
             "rank": self.rank,
@@ -106,7 +123,7 @@ class Worker:
             "samples": self.samples_seen,
         }
 
-    def evaluate_params(self, params: np.ndarray) -> float:
+    def evaluate_params(self, params) -> float:
         """The task metric of another model (the averaged one) with this worker's evaluator."""
         return self.problem.evaluate(params)
 
@@ -127,7 +144,7 @@ class Worker:
 
     def adopt(self, params: np.ndarray, step: int) -> None:
         """A replacement worker: start from ``params`` (a neighbour's model) at ``step``; its momentum starts at 0."""
-        self.algorithm.params = np.array(params, dtype=np.float32)
+        self.algorithm.params = tensors.clone(tensors.like(params, self.algorithm.params))
         self.algorithm.half = self.algorithm.params
         self.step_count = step
 
@@ -140,7 +157,7 @@ class Worker:
             "step_count": self.step_count,
             "bytes_sent": self.bytes_sent,
             "samples_seen": self.samples_seen,
-            "losses": [float(v) for v in self.losses],  # train losses since the last evaluation
+            "losses": self._train_losses(),  # train losses since the last evaluation
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -156,7 +173,7 @@ class Worker:
         header = checkpoint.worker_header(self.config, self.spec.plan)
         record = checkpoint.save_worker(directory, self.rank, {**header, "step": self.step_count}, self.state_dict())
         # the driver commits no checkpoint of a diverged model: the newest one stays a good one
-        finite = bool(np.isfinite(self.algorithm.params).all()) and all(np.isfinite(self.losses))
+        finite = tensors.all_finite(self.algorithm.params) and all(np.isfinite(self._train_losses()))
         return {**record, "finite": finite}
 
     def load_checkpoint(self, directory: str) -> int:
@@ -164,3 +181,22 @@ class Worker:
         state = checkpoint.load_worker(directory, self.rank, checkpoint.worker_header(self.config, self.spec.plan))
         self.load_state_dict(state)
         return self.step_count
+
+
+def step_workers(workers: list[Worker], inboxes: list[list], batched: bool) -> list[list]:
+    """One step of these workers (one process's): finish the averaging with each inbox (if any), compute
+    every gradient (one after another, or in one vmap call when ``batched`` and the problems allow),
+    take the local steps; returns each worker's messages.  The same numbers as ``Worker.step`` each,
+    the vmap path within float tolerance."""
+    for worker, inbox in zip(workers, inboxes):
+        if inbox:
+            worker.receive(*inbox)
+    results = gradients(workers, batched)
+    return [worker.advance(loss, grad) for worker, (loss, grad) in zip(workers, results)]
+
+
+def gradients(workers: list[Worker], batched: bool) -> list[tuple]:
+    problems = [w.problem for w in workers]
+    if batched and can_batch(problems):
+        return batched_loss_and_grad(problems, [w.algorithm.params for w in workers])
+    return [w.problem.loss_and_grad(w.algorithm.params) for w in workers]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 
+from relay_ray import tensors
 from relay_ray.algorithms.base import Algorithm, CommPlan
 from relay_ray.algorithms.gossip import D2, DSGD, AllReduce, DSGDQuasiGlobalMomentum, GradientTracking
 from relay_ray.algorithms.relaysum import FILL_RULES, RelaySGD, RelaySumChannel, RelaySumGrad
@@ -36,10 +37,13 @@ def build_plan(name: str, graph: nx.Graph, trees: list[nx.Graph]) -> CommPlan:
     return CommPlan.for_gossip(graph, metropolis_hastings_weights(graph))
 
 
-def make_algorithm(name: str, rank: int, plan: CommPlan, x0: np.ndarray, momentum: float,
+def make_algorithm(name: str, rank: int, plan: CommPlan, x0, momentum: float,
                    weight_decay: float, relay_fill: str | None = None) -> Algorithm:
-    """``relay_fill``: RelaySGD's fill rule (``FILL_RULES``; None = x0); other algorithms take none."""
-    optimizer = NesterovSGD(x0.size, momentum=momentum, weight_decay=weight_decay)
+    """``relay_fill``: RelaySGD's fill rule (``FILL_RULES``; None = x0); other algorithms take none.
+
+    The state lives in ``x0``'s kind: numpy on the host, or torch on ``x0``'s device."""
+    optimizer = NesterovSGD(int(x0.shape[0]), momentum=momentum, weight_decay=weight_decay,
+                            like=x0 if tensors.is_torch(x0) else None)
     if relay_fill is not None:
         return algorithm_class(name)(rank, plan, x0, optimizer, fill=relay_fill)
     return algorithm_class(name)(rank, plan, x0, optimizer)

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from relay_ray import tensors
 from relay_ray.optim import NesterovSGD
+from relay_ray.tensors import Array
 
 
 @dataclass(frozen=True)
@@ -68,30 +70,32 @@ class Algorithm:
     name = "base"
     uses_trees = False
 
-    def __init__(self, rank: int, plan: CommPlan, x0: np.ndarray, optimizer: NesterovSGD):
+    def __init__(self, rank: int, plan: CommPlan, x0: Array, optimizer: NesterovSGD):
         self.rank = rank
         self.plan = plan
         self.num_workers = plan.num_members  # the n of the averages
         self.neighbors = plan.neighbors[rank]
-        self.params = np.array(x0, dtype=np.float32)
+        self.params = tensors.clone(tensors.float32(x0))  # numpy, or torch on the worker's device
+        self.num_params = int(self.params.shape[0])
         self.optimizer = optimizer
-        self.update = np.zeros_like(self.params)
+        self.update = tensors.zeros_like(self.params)
         self.half = self.params
 
-    def local_step(self, grad: np.ndarray, lr: float) -> None:
+    def local_step(self, grad: Array, lr: float) -> None:
         """x^{t+1/2} = x^t + u^t with the local (Nesterov) optimizer."""
         self.update = self.optimizer.update(self.params, grad, lr)
         self.half = self.params + self.update
 
-    def outgoing(self) -> list[np.ndarray]:
+    def outgoing(self) -> list[Array]:
         raise NotImplementedError
 
-    def incoming(self, inbox: list[np.ndarray | None]) -> None:
+    def incoming(self, inbox: list[Array | None]) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {"params": self.params.copy(), "optimizer": self.optimizer.state_dict()}
+        """Host (numpy) copies of the state, whatever kind it lives in: checkpoints are device-free."""
+        return {"params": np.array(tensors.to_host(self.params)), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.params = np.array(state["params"], dtype=np.float32)
+        self.params = tensors.clone(tensors.like(state["params"], self.params))
         self.optimizer.load_state_dict(state["optimizer"])

@@ -3,31 +3,39 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from relay_ray import tensors
 from relay_ray.algorithms.base import Algorithm
+from relay_ray.tensors import Array
 
 
-def gossip_mix(own: np.ndarray, inbox: list[np.ndarray | None], weights: np.ndarray, rank: int,
-               neighbors: tuple[int, ...]) -> np.ndarray:
+def _wide(x: Array) -> Array:
+    """float64, as numpy computes float64 weight * float32 array: torch state mixes bit-identically."""
+    return x.to(torch.float64) if tensors.is_torch(x) else x
+
+
+def gossip_mix(own: Array, inbox: list[Array | None], weights: np.ndarray, rank: int,
+               neighbors: tuple[int, ...]) -> Array:
     """sum_j W_ij x_j over self and received neighbours, renormalised by the weight received.
 
     With every message present the renormaliser is exactly 1 (rows of W sum to one).
     """
-    mixed = weights[rank, rank] * own
+    mixed = float(weights[rank, rank]) * _wide(own) if tensors.is_torch(own) else weights[rank, rank] * own
     received_weight = weights[rank, rank]
     for j, message in zip(neighbors, inbox):
         if message is not None:
-            mixed = mixed + weights[rank, j] * message
+            mixed = mixed + (float(weights[rank, j]) if tensors.is_torch(message) else weights[rank, j]) * _wide(message)
             received_weight += weights[rank, j]
     if abs(received_weight - 1.0) > 1e-12:
-        mixed = mixed / received_weight
-    return mixed.astype(np.float32, copy=False)
+        mixed = mixed / (float(received_weight) if tensors.is_torch(mixed) else received_weight)
+    return tensors.float32(mixed)
 
 
 class GossipAlgorithm(Algorithm):
     """Shared plumbing: one message, sent to every neighbour."""
 
-    def _mix(self, own: np.ndarray, inbox: list[np.ndarray | None]) -> np.ndarray:
+    def _mix(self, own: Array, inbox: list[Array | None]) -> Array:
         return gossip_mix(own, inbox, self.plan.gossip_weights, self.rank, self.neighbors)
 
 
@@ -36,10 +44,10 @@ class DSGD(GossipAlgorithm):
 
     name = "dsgd"
 
-    def outgoing(self) -> list[np.ndarray]:
+    def outgoing(self) -> list[Array]:
         return [self.half] * len(self.neighbors)
 
-    def incoming(self, inbox: list[np.ndarray | None]) -> None:
+    def incoming(self, inbox: list[Array | None]) -> None:
         self.params = self._mix(self.half, inbox)
 
 
@@ -58,21 +66,20 @@ class DSGDQuasiGlobalMomentum(GossipAlgorithm):
 
     name = "dsgd-qgm"
 
-    def local_step(self, grad: np.ndarray, lr: float) -> None:
+    def local_step(self, grad: Array, lr: float) -> None:
         direction, _ = self.optimizer.direction(self.params, grad)
         self.lr = lr
-        self.update = (-lr * direction).astype(np.float32, copy=False)
+        self.update = tensors.float32(-lr * direction)
         self.half = self.params + self.update
 
-    def outgoing(self) -> list[np.ndarray]:
+    def outgoing(self) -> list[Array]:
         return [self.half] * len(self.neighbors)
 
-    def incoming(self, inbox: list[np.ndarray | None]) -> None:
+    def incoming(self, inbox: list[Array | None]) -> None:
         new_params = self._mix(self.half, inbox)
         beta = self.optimizer.momentum
-        self.optimizer.buffer = (
-            beta * self.optimizer.buffer + (1 - beta) * (self.params - new_params) / self.lr
-        ).astype(np.float32, copy=False)
+        self.optimizer.buffer = tensors.float32(
+            beta * self.optimizer.buffer + (1 - beta) * (self.params - new_params) / self.lr)
         self.params = new_params
 
 
@@ -83,23 +90,23 @@ class D2(GossipAlgorithm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.correction = np.zeros_like(self.params)
+        self.correction = tensors.zeros_like(self.params)
 
-    def outgoing(self) -> list[np.ndarray]:
+    def outgoing(self) -> list[Array]:
         self.corrected = self.half + self.correction
         return [self.corrected] * len(self.neighbors)
 
-    def incoming(self, inbox: list[np.ndarray | None]) -> None:
+    def incoming(self, inbox: list[Array | None]) -> None:
         new_params = self._mix(self.corrected, inbox)
         self.correction = new_params - self.params - self.update
         self.params = new_params
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "correction": self.correction.copy()}
+        return {**super().state_dict(), "correction": np.array(tensors.to_host(self.correction))}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.correction = np.array(state["correction"], dtype=np.float32)
+        self.correction = tensors.clone(tensors.like(state["correction"], self.params))
 
 
 class GradientTracking(GossipAlgorithm):
@@ -112,22 +119,22 @@ class GradientTracking(GossipAlgorithm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.correction = np.zeros_like(self.params)
+        self.correction = tensors.zeros_like(self.params)
 
-    def outgoing(self) -> list[np.ndarray]:
+    def outgoing(self) -> list[Array]:
         tracked = self.correction + self.update
-        self.outbox = np.concatenate([self.half + self.correction, tracked])
+        self.outbox = tensors.concat([self.half + self.correction, tracked])
         return [self.outbox] * len(self.neighbors)
 
-    def incoming(self, inbox: list[np.ndarray | None]) -> None:
+    def incoming(self, inbox: list[Array | None]) -> None:
         mixed = self._mix(self.outbox, inbox)
-        d = self.params.size
+        d = self.num_params
         self.correction = mixed[d:] - self.update
         self.params = mixed[:d]
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "correction": self.correction.copy()}
+        return {**super().state_dict(), "correction": np.array(tensors.to_host(self.correction))}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.correction = np.array(state["correction"], dtype=np.float32)
+        self.correction = tensors.clone(tensors.like(state["correction"], self.params))

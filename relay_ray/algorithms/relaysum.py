@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from relay_ray import tensors
 from relay_ray.algorithms.base import Algorithm, CommPlan
 from relay_ray.optim import NesterovSGD
+from relay_ray.tensors import Array
 
 
 class RelaySumChannel:
@@ -16,17 +18,19 @@ class RelaySumChannel:
     c_{i->j}^t = 1           + sum_{k in N(i)\\{j}} c_{k->i}^{t-1}
     A lost message counts as m = 0, c = 0, so it is neither used nor forwarded; with
     ``reuse_lost`` the last message received on that edge stands in for it instead.
+    Payloads are numpy or torch (``relay_ray.tensors``); on torch a count read from a message is a
+    one-element tensor, so relaying never waits for the device.
     """
 
     def __init__(self, rank: int, neighbors: list[int] | tuple[int, ...]):
         self.rank = rank
         self.neighbors = tuple(neighbors)
-        self.received: dict[int, tuple[np.ndarray | float, int]] = {j: (0.0, 0) for j in self.neighbors}
+        self.received: dict[int, tuple[Array | float, object]] = {j: (0.0, 0) for j in self.neighbors}
 
-    def outgoing(self, payload: np.ndarray) -> dict[int, tuple[np.ndarray, int]]:
+    def outgoing(self, payload: Array) -> dict[int, tuple[Array, object]]:
         out = {}
         for j in self.neighbors:
-            relay_sum = payload.copy()
+            relay_sum = tensors.clone(payload)
             relay_count = 1
             for k in self.neighbors:
                 if k != j:
@@ -35,12 +39,12 @@ class RelaySumChannel:
             out[j] = (relay_sum, relay_count)
         return out
 
-    def incoming(self, payload: np.ndarray, inbox: dict[int, tuple[np.ndarray, int] | None],
-                 reuse_lost: bool = False) -> tuple[np.ndarray, int]:
+    def incoming(self, payload: Array, inbox: dict[int, tuple[Array, object] | None],
+                 reuse_lost: bool = False) -> tuple[Array, object]:
         """Store this step's messages (to relay next step); return (sum of payloads seen, count)."""
         lost = self.received if reuse_lost else {j: (0.0, 0) for j in self.neighbors}
         self.received = {j: (inbox[j] if inbox[j] is not None else lost[j]) for j in self.neighbors}
-        total = payload.copy()
+        total = tensors.clone(payload)
         count = 1
         for relay_sum, relay_count in self.received.values():
             total += relay_sum
@@ -48,10 +52,12 @@ class RelaySumChannel:
         return total, count
 
     def state_dict(self) -> dict:
-        return {str(j): (np.asarray(m, dtype=np.float32), c) for j, (m, c) in self.received.items()}
+        return {str(j): (np.array(tensors.to_host(m), dtype=np.float32), int(c)) for j, (m, c) in self.received.items()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.received = {j: (np.array(state[str(j)][0]), int(state[str(j)][1])) for j in self.neighbors}
+    def load_state_dict(self, state: dict, reference: Array) -> None:
+        """``reference``: an array of the kind (numpy / torch on a device) the relayed sums live in."""
+        self.received = {j: (tensors.clone(tensors.like(state[str(j)][0], reference)), int(state[str(j)][1]))
+                         for j in self.neighbors}
 
 
 class _RelayAlgorithm(Algorithm):
@@ -63,19 +69,19 @@ class _RelayAlgorithm(Algorithm):
 
     uses_trees = True
 
-    def __init__(self, rank: int, plan: CommPlan, x0: np.ndarray, optimizer: NesterovSGD):
+    def __init__(self, rank: int, plan: CommPlan, x0: Array, optimizer: NesterovSGD):
         super().__init__(rank, plan, x0, optimizer)
         self.num_trees = len(plan.tree_neighbors)
         self.channels = [RelaySumChannel(rank, tree[rank]) for tree in plan.tree_neighbors]
-        self.x0 = np.array(x0, dtype=np.float32)
+        self.x0 = tensors.clone(tensors.float32(x0))
 
     def _slice(self, tree: int) -> slice:
         return slice(tree, None, self.num_trees)
 
-    def _payload(self) -> np.ndarray:
+    def _payload(self) -> Array:
         raise NotImplementedError
 
-    def outgoing(self) -> list[np.ndarray]:
+    def outgoing(self) -> list[Array]:
         payload = self._payload()
         per_tree = [ch.outgoing(payload[self._slice(t)]) for t, ch in enumerate(self.channels)]
         messages = []
@@ -84,26 +90,26 @@ class _RelayAlgorithm(Algorithm):
             for t, ch in enumerate(self.channels):
                 if j in ch.neighbors:
                     relay_sum, relay_count = per_tree[t][j]
-                    parts += [relay_sum, np.array([relay_count], dtype=np.float32)]
-            messages.append(np.concatenate(parts).astype(np.float32, copy=False))
+                    parts += [relay_sum, tensors.count_entry(relay_count, relay_sum)]
+            messages.append(tensors.float32(tensors.concat(parts)))
         return messages
 
-    def _unpack(self, inbox: list[np.ndarray | None]) -> list[dict[int, tuple[np.ndarray, int] | None]]:
+    def _unpack(self, inbox: list[Array | None]) -> list[dict[int, tuple[Array, object] | None]]:
         per_tree: list[dict] = [{} for _ in self.channels]
         for j, message in zip(self.neighbors, inbox):
             offset = 0
             for t, ch in enumerate(self.channels):
                 if j not in ch.neighbors:
                     continue
-                size = len(range(*self._slice(t).indices(self.params.size)))
+                size = len(range(*self._slice(t).indices(self.num_params)))
                 if message is None:
                     per_tree[t][j] = None
                 else:
-                    per_tree[t][j] = (message[offset:offset + size], int(message[offset + size]))
+                    per_tree[t][j] = (message[offset:offset + size], tensors.count_at(message, offset + size))
                 offset += size + 1
         return per_tree
 
-    def _relay(self, inbox: list[np.ndarray | None], reuse_lost: bool = False) -> list[tuple[slice, np.ndarray, int]]:
+    def _relay(self, inbox: list[Array | None], reuse_lost: bool = False) -> list[tuple[slice, Array, object]]:
         payload = self._payload()
         results = []
         for t, (ch, tree_inbox) in enumerate(zip(self.channels, self._unpack(inbox))):
@@ -119,7 +125,7 @@ class _RelayAlgorithm(Algorithm):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         for ch, ch_state in zip(self.channels, state["channels"]):
-            ch.load_state_dict(ch_state)
+            ch.load_state_dict(ch_state, self.params)
 
 
 FILL_RULES = ("x0", "current", "last")
@@ -136,17 +142,17 @@ class RelaySGD(_RelayAlgorithm):
 
     name = "relaysgd"
 
-    def __init__(self, rank: int, plan: CommPlan, x0: np.ndarray, optimizer: NesterovSGD, fill: str = "x0"):
+    def __init__(self, rank: int, plan: CommPlan, x0: Array, optimizer: NesterovSGD, fill: str = "x0"):
         super().__init__(rank, plan, x0, optimizer)
         if fill not in FILL_RULES:
             raise ValueError(f"unknown fill rule {fill!r}; choose one of {', '.join(FILL_RULES)}")
         self.fill = fill
 
-    def _payload(self) -> np.ndarray:
+    def _payload(self) -> Array:
         return self.half
 
-    def incoming(self, inbox: list[np.ndarray | None]) -> None:
-        params = np.empty_like(self.params)
+    def incoming(self, inbox: list[Array | None]) -> None:
+        params = tensors.empty_like(self.params)
         n = self.num_workers
         fill_model = self.params if self.fill == "current" else self.x0
         for coords, total, count in self._relay(inbox, reuse_lost=self.fill == "last"):
@@ -167,11 +173,11 @@ class RelaySumGrad(_RelayAlgorithm):
 
     name = "relaysum-grad"
 
-    def _payload(self) -> np.ndarray:
+    def _payload(self) -> Array:
         return self.update
 
-    def incoming(self, inbox: list[np.ndarray | None]) -> None:
-        params = self.params.copy()
+    def incoming(self, inbox: list[Array | None]) -> None:
+        params = tensors.clone(self.params)
         for coords, total, _ in self._relay(inbox):
             params[coords] += total / self.num_workers
         self.params = params
