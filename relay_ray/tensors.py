@@ -9,16 +9,18 @@ algorithm code is written once.  Only messages that leave a process become numpy
 
 from __future__ import annotations
 
+import sys
 import warnings
+from typing import Any
 
 import numpy as np
-import torch
 
-Array = np.ndarray | torch.Tensor
+Array = Any  # np.ndarray | torch.Tensor; torch is imported only where a tensor is at hand (`--help` stays light)
 
 
 def is_torch(x) -> bool:
-    return isinstance(x, torch.Tensor)
+    torch = sys.modules.get("torch")  # no tensor can exist before torch is imported
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def clone(x: Array) -> Array:
@@ -26,20 +28,20 @@ def clone(x: Array) -> Array:
 
 
 def concat(parts: list) -> Array:
-    return torch.cat(parts) if is_torch(parts[0]) else np.concatenate(parts)
+    return sys.modules["torch"].cat(parts) if is_torch(parts[0]) else np.concatenate(parts)
 
 
 def empty_like(x: Array) -> Array:
-    return torch.empty_like(x) if is_torch(x) else np.empty_like(x)
+    return x.new_empty(x.shape) if is_torch(x) else np.empty_like(x)
 
 
 def zeros_like(x: Array) -> Array:
-    return torch.zeros_like(x) if is_torch(x) else np.zeros_like(x)
+    return x.new_zeros(x.shape) if is_torch(x) else np.zeros_like(x)
 
 
 def float32(x: Array) -> Array:
     """``x`` as float32 (no copy when it already is)."""
-    return x.to(torch.float32) if is_torch(x) else x.astype(np.float32, copy=False)
+    return x.float() if is_torch(x) else x.astype(np.float32, copy=False)
 
 
 def like(value, reference: Array) -> Array:
@@ -49,13 +51,15 @@ def like(value, reference: Array) -> Array:
     object-store buffer is shared, not copied (the algorithms never write into a received message).
     """
     if is_torch(reference):
+        import torch
+
         if isinstance(value, np.ndarray):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "array is not writable": read, never written
                 value = torch.from_numpy(value)
         return torch.as_tensor(value, dtype=torch.float32).to(reference.device, non_blocking=True)
     if is_torch(value):
-        return value.detach().to("cpu", torch.float32).numpy()
+        return value.detach().float().cpu().numpy()
     return np.asarray(value, dtype=np.float32)
 
 
@@ -73,8 +77,8 @@ def count_entry(count, reference: Array) -> Array:
     it stays there, so relaying never waits for the GPU."""
     if is_torch(reference):
         if is_torch(count):
-            return count.reshape(1).to(torch.float32)
-        return torch.tensor([count], dtype=torch.float32, device=reference.device)
+            return count.reshape(1).float()
+        return reference.new_tensor([count])
     return np.array([count], dtype=np.float32)
 
 
@@ -86,15 +90,13 @@ def count_at(message: Array, index: int):
 
 
 def all_finite(x: Array) -> bool:
-    return bool(torch.isfinite(x).all()) if is_torch(x) else bool(np.isfinite(x).all())
-
-
-def device_of(x: Array) -> torch.device | None:
-    return x.device if is_torch(x) else None
+    return bool(x.isfinite().all()) if is_torch(x) else bool(np.isfinite(x).all())
 
 
 def as_state(x0: np.ndarray, kind: str, device: str = "cpu") -> Array:
     """The initial model as the state kind the run uses: ``numpy`` or ``torch`` (on ``device``)."""
     if kind == "torch":
+        import torch
+
         return torch.as_tensor(np.asarray(x0, dtype=np.float32)).to(device).clone()
     return np.array(to_host(x0), dtype=np.float32)

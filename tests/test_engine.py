@@ -91,6 +91,24 @@ def test_ray_equals_local_single_node(ray_local, algorithm, layout, k, tmp_path)
     _assert_same_rows(ray_rows, _local_rows(config, tmp_path))
 
 
+# one layout per algorithm: torch state in the actors (--tensors torch), numpy state in the simulator
+TORCH_CASES = [(a, layout) for a, layout in LAYOUTS if layout.get("topology") != "chain" and layout.get("tree") != "chain"
+               and not (a == "relaysgd" and layout.get("tree") == "bfs")]
+
+
+@pytest.mark.parametrize("algorithm,layout", TORCH_CASES, ids=[f"{a}-{'-'.join(l.values()) or 'exact'}"
+                                                               for a, l in TORCH_CASES])
+def test_ray_with_torch_state_equals_local_with_numpy_state(ray_local, algorithm, layout, tmp_path):
+    """Crossing messages leave the torch state as numpy and join it again on arrival: the same numbers."""
+    config = _config(algorithm, layout, tensors="torch", drop_prob=0.1)
+    engine = _engine(config, 3)
+    try:
+        ray_rows = _ray_rows(engine, config, tmp_path)
+    finally:
+        engine.shutdown()
+    _assert_same_rows(ray_rows, _local_rows(RunConfig(**{**config.to_dict(), "tensors": "numpy"}), tmp_path))
+
+
 def test_auto_is_one_actor_per_cpu_and_recorded(ray_local, tmp_path):
     """The default: the 4-CPU Ray gets 4 actors of 2 workers, 1 CPU each; config.yaml and summary.json say so."""
     config = _config("relaysgd", dict(tree="double-binary"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from relay_ray import tensors
 from relay_ray.algorithms.base import Algorithm
@@ -12,7 +11,7 @@ from relay_ray.tensors import Array
 
 def _wide(x: Array) -> Array:
     """float64, as numpy computes float64 weight * float32 array: torch state mixes bit-identically."""
-    return x.to(torch.float64) if tensors.is_torch(x) else x
+    return x.double() if tensors.is_torch(x) else x
 
 
 def gossip_mix(own: Array, inbox: list[Array | None], weights: np.ndarray, rank: int,
