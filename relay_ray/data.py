@@ -582,6 +582,29 @@ def normalize_batch(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     return x.sub_(mean_t).div_(std_t)
 
 
+def augment_draws(batch_size: int, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """The random draws of ``augment_batch`` for ``batch_size`` samples, as a ``(b, 3)`` int64 CPU tensor:
+    crop offset y, crop offset x, flip (0/1).  Drawn on the CPU, so every device sees the same crops."""
+    offset_y = torch.randint(0, 2 * padding + 1, (batch_size,), generator=generator)
+    offset_x = torch.randint(0, 2 * padding + 1, (batch_size,), generator=generator)
+    flip = torch.rand(batch_size, generator=generator) < 0.5
+    return torch.stack([offset_y, offset_x, flip.long()], dim=1)
+
+
+def apply_augment(x: torch.Tensor, draws: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Crop and flip each sample of ``x`` as ``draws`` (from ``augment_draws``, on ``x``'s device) say,
+    with one gather for the whole batch."""
+    b, c, h, w = x.shape
+    padded = x.new_zeros((b, c, h + 2 * padding, w + 2 * padding))
+    padded[:, :, padding:padding + h, padding:padding + w] = x
+    rows = draws[:, 0:1] + torch.arange(h, device=x.device)              # (b, h)
+    cols = draws[:, 1:2] + torch.arange(w, device=x.device)              # (b, w)
+    cols = torch.where(draws[:, 2:3].bool(), cols.flip(1), cols)
+    batch_idx = torch.arange(b, device=x.device)[:, None, None, None]
+    chan_idx = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
     """Random crop (zero padding ``padding``) + random horizontal flip, independently per sample.
 
@@ -589,16 +612,4 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 4)
     the whole batch with one gather, deterministic given ``generator`` (a CPU generator).  Apply it
     to the uint8 batch before ``normalize_batch`` so padded pixels are black, as with torchvision.
     """
-    b, c, h, w = x.shape
-    padded = x.new_zeros((b, c, h + 2 * padding, w + 2 * padding))
-    padded[:, :, padding:padding + h, padding:padding + w] = x
-    offset_y = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    offset_x = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    flip = torch.rand(b, generator=generator) < 0.5
-    rows = offset_y[:, None] + torch.arange(h)                           # (b, h)
-    cols = offset_x[:, None] + torch.arange(w)                           # (b, w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    rows, cols = rows.to(x.device), cols.to(x.device)
-    batch_idx = torch.arange(b, device=x.device)[:, None, None, None]
-    chan_idx = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
+    return apply_augment(x, augment_draws(len(x), generator, padding).to(x.device), padding)

@@ -7,13 +7,14 @@ the gradient in the same kind: with torch state on a GPU the step never leaves t
 
 from __future__ import annotations
 
+import importlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from relay_ray import tensors
-from relay_ray.data import ArrayDataset, augment_batch, normalize_batch
+from relay_ray.data import ArrayDataset, apply_augment, augment_draws, normalize_batch
 from relay_ray.errors import UserError
 from relay_ray.models import build_model
 from relay_ray.quadratics import QuadraticsTask
@@ -74,6 +75,9 @@ class ClassificationProblem:
         self.stochastic = any(isinstance(m, torch.nn.Dropout) for m in self.model.modules())
         self.named_shapes = [(name, p.shape) for name, p in self.model.named_parameters()]
         self.train_on_device = _training_set_on(dataset, self.device)
+        shape = (1, -1, 1, 1)  # the normalisation constants live on the device once, not copied per batch
+        self.mean = torch.tensor(dataset.mean, dtype=torch.float32).reshape(shape).to(self.device)
+        self.std = torch.tensor(dataset.std, dtype=torch.float32).reshape(shape).to(self.device)
         self.order = np.empty(0, dtype=np.int64)
         self.position = 0
         test_size = len(dataset.y_test)
@@ -94,29 +98,47 @@ class ClassificationProblem:
         self.position += self.batch_size
         return batch
 
-    def _inputs(self, images: np.ndarray, train: bool) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images))
-        if train and self.dataset.augment:
-            x = augment_batch(x, self.generator)  # draws on the CPU, so CPU and GPU runs draw the same crops
-        return normalize_batch(x.to(self.device), self.dataset.mean, self.dataset.std)
+    def _inputs(self, images: np.ndarray) -> torch.Tensor:
+        """Test images, normalised, on the device."""
+        return normalize_batch(torch.from_numpy(np.ascontiguousarray(images)).to(self.device), self.mean, self.std)
 
-    def train_batch(self) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-        """The next (inputs, labels) on the device, and the dropout seed of this step (None: no dropout).
-
-        The draws (order, crops, flips, seed) come from this worker's CPU generator in a fixed order,
-        wherever the images are gathered, so every device and batching mode sees the same batches."""
+    def draw(self) -> tuple[np.ndarray, torch.Tensor | None, int | None]:
+        """This step's random draws from this worker's CPU generator, in a fixed order: the batch's
+        sample indices, the crops and flips (None without augmentation), the dropout seed (None
+        without dropout).  Every device and batching mode takes the same draws."""
         batch = self._next_batch()
+        crops = augment_draws(len(batch), self.generator) if self.dataset.augment else None
+        seed = int(torch.randint(2 ** 62, (1,), generator=self.generator)) if self.stochastic else None
+        return batch, crops, seed
+
+    def gather(self, draws: list[tuple[np.ndarray, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (inputs, labels) of one or more workers' draws, concatenated, on the device.
+
+        With the training set on the GPU, the indices and crops go there in one copy from pinned
+        memory and the images are gathered, cropped and normalised there: no step waits for the GPU."""
+        index = np.concatenate([batch for batch, _ in draws])
+        crops = torch.cat([c for _, c in draws]) if self.dataset.augment else None
         if self.train_on_device is not None:
             images, labels = self.train_on_device
-            index = torch.from_numpy(batch).to(self.device)
-            x, y = images[index], labels[index]
-            if self.dataset.augment:
-                x = augment_batch(x, self.generator)  # draws on the CPU, gathers on the device
-            x = normalize_batch(x, self.dataset.mean, self.dataset.std)
+            host = torch.from_numpy(index)[:, None]
+            if crops is not None:
+                host = torch.cat([host, crops], dim=1)
+            on_device = host.pin_memory().to(self.device, non_blocking=True)
+            x, y = images[on_device[:, 0]], labels[on_device[:, 0]]
+            if crops is not None:
+                x = apply_augment(x, on_device[:, 1:])
         else:
-            x = self._inputs(self.dataset.x_train[batch], train=True)
-            y = torch.from_numpy(self.dataset.y_train[batch]).to(self.device)
-        seed = int(torch.randint(2 ** 62, (1,), generator=self.generator)) if self.stochastic else None
+            x = torch.from_numpy(np.ascontiguousarray(self.dataset.x_train[index]))
+            y = torch.from_numpy(self.dataset.y_train[index])
+            if crops is not None:
+                x = apply_augment(x, crops)
+            x, y = x.to(self.device), y.to(self.device)
+        return normalize_batch(x, self.mean, self.std), y
+
+    def train_batch(self) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """The next (inputs, labels) on the device, and the dropout seed of this step (None: no dropout)."""
+        batch, crops, seed = self.draw()
+        x, y = self.gather([(batch, crops)])
         return x, y, seed
 
     def _load(self, params) -> None:
@@ -154,7 +176,7 @@ class ClassificationProblem:
         correct = 0
         for start in range(0, len(self.test_indices), chunk):
             idx = self.test_indices[start:start + chunk]
-            logits = self.model(self._inputs(self.dataset.x_test[idx], train=False))
+            logits = self.model(self._inputs(self.dataset.x_test[idx]))
             correct += int((logits.argmax(dim=1).cpu() == torch.from_numpy(self.dataset.y_test[idx])).sum())
         return correct / len(self.test_indices)
 
@@ -193,7 +215,7 @@ def _training_set_on(dataset: ArrayDataset, device: torch.device) -> tuple[torch
 def can_batch(problems: list) -> bool:
     """vmap needs classification problems of one model and one batch shape (equal batch sizes)."""
     return (len(problems) > 1 and all(isinstance(p, ClassificationProblem) for p in problems)
-            and len({(p.batch_size, str(p.device), tuple(p.named_shapes)) for p in problems}) == 1)
+            and len({(id(p.dataset), p.batch_size, str(p.device), tuple(p.named_shapes)) for p in problems}) == 1)
 
 
 def batched_loss_and_grad(problems: list[ClassificationProblem], params: list) -> list[tuple]:
@@ -203,9 +225,10 @@ def batched_loss_and_grad(problems: list[ClassificationProblem], params: list) -
     with dropout the masks come from the first worker's seed of the step (one stream for the
     process, as vmap draws them), so they differ from the loop's per-worker masks.
     """
-    first = problems[0]
-    draws = [p.train_batch() for p in problems]
-    inputs, labels = torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws])
+    first, k = problems[0], len(problems)
+    draws = [p.draw() for p in problems]
+    x, y = first.gather([(batch, crops) for batch, crops, _ in draws])  # one gather for all the workers
+    inputs, labels = x.unflatten(0, (k, -1)), y.unflatten(0, (k, -1))
     stacked = torch.stack([p if tensors.is_torch(p) else torch.from_numpy(np.asarray(p)) for p in params])
     stacked = stacked.to(first.device)
     first.model.train()
@@ -213,6 +236,9 @@ def batched_loss_and_grad(problems: list[ClassificationProblem], params: list) -
     def loss_of(named, x, y):
         return F.cross_entropy(functional_call(first.model, named, (x,)), y)
 
+    # torch 2.11 imports torch._dynamo lazily inside vmap's grad, and that import draws random numbers,
+    # which vmap(randomness="different") refuses (seen on the GPU machine with VGG-11): import it first
+    importlib.import_module("torch._dynamo")
     if first.stochastic:
         torch.manual_seed(draws[0][2])
     grads, losses = vmap(grad_and_value(loss_of), randomness="different" if first.stochastic else "error")(

@@ -70,6 +70,9 @@ def to_host(x):
     return np.asarray(x)
 
 
+_COUNT_ENTRIES: dict = {}  # (count, device) -> one-element tensor, never written (messages copy it in concat)
+
+
 def count_entry(count, reference: Array) -> Array:
     """A one-element float32 array holding a relay count, to append to a message like ``reference``.
 
@@ -78,7 +81,10 @@ def count_entry(count, reference: Array) -> Array:
     if is_torch(reference):
         if is_torch(count):
             return count.reshape(1).float()
-        return reference.new_tensor([count])
+        key = (count, str(reference.device))
+        if key not in _COUNT_ENTRIES:  # a leaf's count is a constant 1 every step: copy it to the device once
+            _COUNT_ENTRIES[key] = reference.new_tensor([count])
+        return _COUNT_ENTRIES[key]
     return np.array([count], dtype=np.float32)
 
 

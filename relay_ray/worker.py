@@ -68,8 +68,8 @@ class Worker:
         A message from another process arrives as numpy; it joins the state's kind and device here."""
         p, sent_at = self.config.drop_prob, self.step_count - 1  # the messages of the step just taken
         params = self.algorithm.params
-        return [None if message_dropped(self.config.seed, sent_at, j, self.rank, p) else tensors.like(message, params)
-                for j, message in zip(self.algorithm.neighbors, inbox)]
+        return [None if message is None or message_dropped(self.config.seed, sent_at, j, self.rank, p)
+                else tensors.like(message, params) for j, message in zip(self.algorithm.neighbors, inbox)]
 
     def receive(self, *inbox) -> None:
         """Finish the previous step's averaging with the neighbours' messages."""

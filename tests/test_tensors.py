@@ -160,3 +160,17 @@ def test_gpu_state_never_leaves_the_device():
     assert all(w.params().is_cuda and w.algorithm.optimizer.buffer.is_cuda for w in workers)
     assert isinstance(workers[0].problem, ClassificationProblem) and workers[0].problem.train_on_device is not None
 
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_missing_message_is_lost_on_either_kind(kind):
+    """The engine hands a dead neighbour's message in as None: lost (filled with x0), never an array."""
+    config = RunConfig(algorithm="relaysgd", num_workers=4, dataset="quadratics", steps=5, backend="local",
+                       tree="chain", tensors=kind)
+    experiment = build_experiment(config)
+    worker = Worker(experiment.worker_spec(1), experiment.task_data)
+    worker.step()
+    half = tensors.to_host(worker.algorithm.half).copy()
+    worker.receive(*[None] * worker.degree)
+    np.testing.assert_allclose(worker.host_params(), half / 4, rtol=1e-6)  # (x^{1/2} + 3 x0) / n with x0 = 0
+    assert np.any(half != 0)
