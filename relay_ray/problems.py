@@ -7,7 +7,6 @@ the gradient in the same kind: with torch state on a GPU the step never leaves t
 
 from __future__ import annotations
 
-import importlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -236,9 +235,6 @@ def batched_loss_and_grad(problems: list[ClassificationProblem], params: list) -
     def loss_of(named, x, y):
         return F.cross_entropy(functional_call(first.model, named, (x,)), y)
 
-    # torch 2.11 imports torch._dynamo lazily inside vmap's grad, and that import draws random numbers,
-    # which vmap(randomness="different") refuses (seen on the GPU machine with VGG-11): import it first
-    importlib.import_module("torch._dynamo")
     if first.stochastic:
         torch.manual_seed(draws[0][2])
     grads, losses = vmap(grad_and_value(loss_of), randomness="different" if first.stochastic else "error")(
