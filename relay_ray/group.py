@@ -131,21 +131,27 @@ class WorkerGroup:
 
         Messages between this group's workers stay in its memory (on its device, with torch state);
         only the bundles to other groups become host numpy arrays."""
-        if has_inbox:
-            self.receive(*bundles)
-        if self.batched:
+        inboxes = self._inboxes(bundles) if has_inbox else [[] for _ in self.workers]
+        if self.batched:  # every averaging finished, then one vmap call for all gradients, then the local steps
+            for worker, inbox in zip(self.workers, inboxes):
+                with self._remember_failure(worker.rank):
+                    if inbox:
+                        worker.receive(*inbox)
             with self._remember_failure(self.ranks[0]):
                 results = gradients(self.workers, batched=True)
-        else:
-            results = []
-            for worker in self.workers:
+            outboxes = []
+            for worker, (loss, grad) in zip(self.workers, results):
                 with self._remember_failure(worker.rank):
-                    results += gradients([worker], batched=False)
+                    outboxes.append(worker.advance(loss, grad))
+        else:  # ``Worker.step`` each: the seam other worker classes (the comm benchmark's) implement
+            outboxes = []
+            for worker, inbox in zip(self.workers, inboxes):
+                with self._remember_failure(worker.rank):
+                    outboxes.append(worker.step(*inbox))
         sent: dict[Edge, np.ndarray] = {}
-        for worker, (loss, grad) in zip(self.workers, results):
-            with self._remember_failure(worker.rank):
-                for j, message in zip(self.plan.neighbors[worker.rank], worker.advance(loss, grad)):
-                    sent[(worker.rank, j)] = message
+        for worker, messages in zip(self.workers, outboxes):
+            for j, message in zip(self.plan.neighbors[worker.rank], messages):
+                sent[(worker.rank, j)] = message
         bundles_out = [[tensors.to_host(sent.pop(edge)) for edge in edges] for _, edges in self.outgoing_links]
         self.local = sent
         self.settled = False

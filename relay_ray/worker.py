@@ -188,6 +188,8 @@ def step_workers(workers: list[Worker], inboxes: list[list], batched: bool) -> l
     every gradient (one after another, or in one vmap call when ``batched`` and the problems allow),
     take the local steps; returns each worker's messages.  The same numbers as ``Worker.step`` each,
     the vmap path within float tolerance."""
+    if not (batched and can_batch([w.problem for w in workers])):
+        return [worker.step(*inbox) for worker, inbox in zip(workers, inboxes)]
     for worker, inbox in zip(workers, inboxes):
         if inbox:
             worker.receive(*inbox)
