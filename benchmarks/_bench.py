@@ -40,14 +40,16 @@ def start_ray(num_cpus: int | None = None, object_store_gb: float | None = None)
     return ray
 
 
-def start_engine(experiment, workers_per_actor="auto", window: int | None = None, group_cls=None):
+def start_engine(experiment, workers_per_actor="auto", window: int | None = None, group_cls=None,
+                 transport: str = "object-store"):
     """relay_ray's ``Engine`` for ``experiment`` with ``EngineOptions(workers_per_actor=...)`` ("auto":
     the default, one actor per CPU core; K: K workers per actor) and otherwise default options;
     ``group_cls``: the public seam for another worker group (default ``WorkerGroup``)."""
     from relay_ray.config import EngineOptions
     from relay_ray.engine import Engine
 
-    options = EngineOptions(workers_per_actor=workers_per_actor, **({"window": window} if window else {}))
+    options = EngineOptions(workers_per_actor=workers_per_actor, transport=transport,
+                            **({"window": window} if window else {}))
     return Engine(experiment.config, experiment, options, **({"group_cls": group_cls} if group_cls else {}))
 
 

@@ -12,6 +12,8 @@ how messages travel:
              actor stay in its memory, crossing messages are task returns (``ray.put`` when <= 100 KB)
   ray K=1    ``--workers-per-actor 1``: one actor per worker, one task per worker per step
   ray K=16   ``--workers-per-actor 16``: all 16 workers in one actor
+  ray auto RDT  ray auto with ``--transport gloo``: crossing bundles as torch tensors through Ray Direct
+             Transport (actor to actor over gloo, one small task per outgoing link and step)
 
 The Ray variants are ``relay_ray.engine.Engine`` with ``group_cls`` = a ``WorkerGroup`` whose
 ``worker_class`` is the relay-only worker below, timed with ``Engine.run_steps``.  a = ray auto,
@@ -51,7 +53,9 @@ from relay_ray.worker import Worker  # noqa: E402
 
 SECTION = "## Communication"
 TREES = {"chain": "chain", "double-binary": "double binary trees"}
-RAY_VARIANTS = {"ray auto": "auto", "ray K=1": 1, "ray K=16": 16}  # label: --workers-per-actor
+RAY_VARIANTS = {"ray auto": "auto", "ray K=1": 1, "ray K=16": 16,  # label: --workers-per-actor
+                "ray auto RDT": "auto"}
+TRANSPORTS = {"ray auto RDT": "gloo"}  # label: --transport (the others: the object store)
 AUTO = "ray auto"  # the headline: a in the targets
 # The previous engine's `ray put` column (RayEngine: one actor per worker, messages ray.put), median
 # ms/step and its ratios to that run's floor and gloo, from the quiet re-run in RESULTS.md of e83e170.
@@ -78,7 +82,8 @@ class RelayOnlyWorker(Worker):
 
     def step(self, *inbox):
         if inbox:
-            self.algorithm.incoming(list(inbox))  # Alg. 1 step 4 (with the previous step's messages)
+            # Alg. 1 step 4 (with the previous step's messages; RDT hands them in as CPU tensors: read in place)
+            self.algorithm.incoming([np.asarray(m) for m in inbox])
         self.algorithm.half = self.algorithm.params  # no local update: relay the current model
         self.step_count += 1
         return self.algorithm.outgoing()  # Alg. 1 step 2
@@ -194,7 +199,8 @@ def run_gloo(jobs: list, workers: int, steps_for, repeats: int) -> dict:
 def run_ray_variant(variant: str, experiment: Experiment, steps: int, repeats: int, window: int) -> tuple[list, str]:
     """Median-ready step times of one engine layout, and its shape in words (Ray is imported only
     here, through ``start_engine``, so the gloo processes never import it)."""
-    engine = start_engine(experiment, RAY_VARIANTS[variant], window=window, group_cls=RelayOnlyGroup)
+    engine = start_engine(experiment, RAY_VARIANTS[variant], window=window, group_cls=RelayOnlyGroup,
+                          transport=TRANSPORTS.get(variant, "object-store"))
     try:
         drive(engine, steps=2, warmup=1)  # page faults, first object-store allocations
         return [drive(engine, steps=steps, warmup=1)["step_s"] for _ in range(repeats)], engine.shape.describe()

@@ -369,6 +369,7 @@ class RunConfig:
 WORKERS_PER_ACTOR_AUTO = "auto"
 PLACEMENTS = ("spread", "pack")
 ON_FAILURE = ("restart", "continue", "replace")
+TRANSPORTS = ("object-store", "gloo", "nccl")
 
 
 @dataclass
@@ -403,6 +404,10 @@ class EngineOptions:
         "slow:RANKS:SECONDS (those workers take SECONDS longer every step, e.g. slow:3,7:0.05) and/or "
         "jitter:SECONDS (every worker, every step, an exponential delay with that mean, seeded), joined by + "
         "(default: none)", metavar="SPEC")
+    transport: str = setting(
+        "object-store", "how messages cross actors: object-store = Ray's shared-memory store (measured fastest on "
+        "CPU); gloo / nccl = Ray Direct Transport, actor to actor as torch tensors (nccl: GPU to GPU, for --device "
+        "cuda); the driver holds only refs either way (default: object-store)", choices=TRANSPORTS)
 
     def __post_init__(self) -> None:
         if self.workers_per_actor != WORKERS_PER_ACTOR_AUTO:
@@ -419,6 +424,10 @@ class EngineOptions:
             raise UserError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
         _choice("placement", self.placement, PLACEMENTS)
         _choice("on_failure", self.on_failure, ON_FAILURE)
+        _choice("transport", self.transport, TRANSPORTS)
+        if self.transport != "object-store" and self.on_failure != "restart":
+            raise UserError(f"--transport {self.transport} works with --on-failure restart only (a survivors' plan "
+                            "would need a new collective group); use --transport object-store")
         if self.window < 1:
             raise UserError(f"--window must be >= 1, got {self.window}")
         if self.max_restarts < 0:

@@ -101,6 +101,7 @@ class WorkerGroup:
         self.ranks = [spec.rank for spec in specs]
         self.plan = specs[0].plan
         self.batched = specs[0].config.batches_workers
+        self.host_bundles = True  # crossing messages leave as host numpy (False: as they are, on the device)
         self.incoming_links = layout.incoming[group]
         self.outgoing_links = layout.outgoing[group]
         self.local: dict[Edge, np.ndarray] = {}  # this step's messages between workers of this group
@@ -152,7 +153,8 @@ class WorkerGroup:
         for worker, messages in zip(self.workers, outboxes):
             for j, message in zip(self.plan.neighbors[worker.rank], messages):
                 sent[(worker.rank, j)] = message
-        bundles_out = [[tensors.to_host(sent.pop(edge)) for edge in edges] for _, edges in self.outgoing_links]
+        leave = tensors.to_host if self.host_bundles else (lambda message: message)
+        bundles_out = [[leave(sent.pop(edge)) for edge in edges] for _, edges in self.outgoing_links]
         self.local = sent
         self.settled = False
         return bundles_out

@@ -96,6 +96,10 @@ BAD_INPUTS = [
     (["--workers-per-actor", "two"], "--workers-per-actor must be auto or an integer, got 'two'"),
     (["--workers-per-actor", "0"], "--workers-per-actor must be >= 1, got 0"),
     (["--eval-every", "0"], "--eval-every must be > 0, got 0"),
+    (["--transport", "gloo", "--on-failure", "replace"], "--transport gloo works with --on-failure restart only"),
+    (["--transport", "mpi"], "argument --transport: invalid choice: 'mpi'"),
+    (["--tensors", "jax"], "argument --tensors: invalid choice: 'jax'"),
+    (["--worker-batching", "threads"], "argument --worker-batching: invalid choice: 'threads'"),
     # non-finite numbers (issue #13)
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--lr", "nan"], "--lr must be a finite number, got nan"),

@@ -109,6 +109,25 @@ def test_ray_with_torch_state_equals_local_with_numpy_state(ray_local, algorithm
     _assert_same_rows(ray_rows, _local_rows(RunConfig(**{**config.to_dict(), "tensors": "numpy"}), tmp_path))
 
 
+RDT_CASES = [("relaysgd", dict(tree="double-binary"), "numpy"), ("dsgd", dict(topology="ring"), "torch")]
+
+
+@pytest.mark.parametrize("algorithm,layout,kind", RDT_CASES, ids=[f"{a}-{k}" for a, _, k in RDT_CASES])
+def test_ray_direct_transport_over_gloo_equals_local(ray_local, algorithm, layout, kind, tmp_path):
+    """--transport gloo: crossing bundles go actor to actor as torch tensors through Ray Direct Transport
+    (a collective group over the actors, one outbox task per link), evaluations and checkpoints at
+    step boundaries included: the same numbers as the simulator."""
+    config = _config(algorithm, layout, drop_prob=0.1, tensors=kind, checkpoint_every=10)
+    engine = _engine(config, 3, transport="gloo")
+    try:
+        assert engine.communicator is not None and len(engine.actors) == 3
+        ray_rows = _ray_rows(engine, config, tmp_path)
+    finally:
+        engine.shutdown()
+    assert engine.communicator is None
+    _assert_same_rows(ray_rows, _local_rows(RunConfig(**{**config.to_dict(), "checkpoint_every": None}), tmp_path))
+
+
 def test_auto_is_one_actor_per_cpu_and_recorded(ray_local, tmp_path):
     """The default: the 4-CPU Ray gets 4 actors of 2 workers, 1 CPU each; config.yaml and summary.json say so."""
     config = _config("relaysgd", dict(tree="double-binary"))

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import ray
+import torch
 
 from relay_ray.group import WorkerGroup
 from relay_ray.straggle import Straggle
@@ -48,9 +49,14 @@ def _returns(values: list):
 class GroupActor:
     """One worker group in an actor; every method is one task of the engine's dataflow."""
 
-    def __init__(self, group_cls: type[WorkerGroup], *group_args, straggle: Straggle | None = None):
+    def __init__(self, group_cls: type[WorkerGroup], *group_args, straggle: Straggle | None = None,
+                 transport: str = "object-store"):
         self.group = group_cls(*group_args)
         self.straggle = straggle
+        self.transport = transport
+        self.outgoing: list[list[torch.Tensor]] = []  # with Ray Direct Transport: this step's bundles, as tensors
+        if transport == "nccl":
+            self.group.host_bundles = False  # they go GPU to GPU
 
     def step(self, has_inbox: bool, *bundles):
         """Returns the steps taken (a small int the driver reads to notice a dead worker within its
@@ -58,8 +64,21 @@ class GroupActor:
         the pure code, so they cost wall time and never change a number."""
         if self.straggle is not None:
             time.sleep(self.straggle.group_seconds(self.group.ranks, self.group.step_count + 1))
-        sent = [off_driver(bundle) for bundle in self.group.step(has_inbox, *resolved(bundles))]
-        return _returns([self.group.step_count, *sent])
+        bundles_out = self.group.step(has_inbox, *resolved(bundles))
+        if self.transport != "object-store":  # kept here; the driver asks for each with outbox_<transport>
+            self.outgoing = [[torch.as_tensor(m) for m in bundle] for bundle in bundles_out]
+            return self.group.step_count
+        return _returns([self.group.step_count, *[off_driver(bundle) for bundle in bundles_out]])
+
+    # Ray Direct Transport: the bundle for outgoing link k of the last step, sent actor to actor by Ray
+    # (gloo over TCP; nccl between GPUs) when the receiving actor's task needs it; never via the driver.
+    @ray.method(tensor_transport="gloo")
+    def outbox_gloo(self, link: int) -> list:
+        return self.outgoing[link]
+
+    @ray.method(tensor_transport="nccl")
+    def outbox_nccl(self, link: int) -> list:
+        return self.outgoing[link]
 
     def receive(self, *bundles) -> None:
         self.group.receive(*resolved(bundles))

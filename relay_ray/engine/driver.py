@@ -18,6 +18,7 @@ checkpoint of this run (or starts at step 0: a run is deterministic) and replays
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import sys
@@ -103,6 +104,7 @@ class Engine:
         self.gauges = telemetry.RunGauges(self.run_name)
         self.generation: dict[int, int] = {}  # per group, how many actors have held it (names stay unique)
         self.data_ref = ray.put(self.experiment.task_data)  # once; actors read it zero-copy
+        self.communicator = None  # the actors' collective group, with --transport gloo|nccl
         started = time.perf_counter()
         self._place()
         try:
@@ -133,6 +135,11 @@ class Engine:
             _fetch([actor.ping.remote() for actor in self.actors])
         except RayError as exc:
             raise WorkerFailure(f"a worker failed to start: {_first_line(exc)}") from None
+        if self.options.transport != "object-store" and len(self.actors) > 1:
+            from ray.experimental.collective import create_collective_group
+
+            backend = "torch_gloo" if self.options.transport == "gloo" else "nccl"
+            self.communicator = create_collective_group(self.actors, backend=backend)
 
     def _start_actor(self, g: int):
         """Group g's actor in its bundle of the placement group."""
@@ -145,9 +152,15 @@ class Engine:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=self.first_bundle + g),
         ).remote(self.group_cls, [self.experiment.worker_spec(rank) for rank in self.layout.groups[g]], self.data_ref,
-                 shape.threads, self.layout, g, straggle=self.straggle)
+                 shape.threads, self.layout, g, straggle=self.straggle, transport=self.options.transport)
 
     def shutdown(self) -> None:
+        if self.communicator is not None:
+            from ray.experimental.collective import destroy_collective_group
+
+            with contextlib.suppress(Exception):  # its actors may be dead already: they go next anyway
+                destroy_collective_group(self.communicator)
+            self.communicator = None
         for actor in self.actors:
             self._let_go(actor)
         self.actors = []
@@ -174,6 +187,10 @@ class Engine:
     def _step_task(self, g: int, has_inbox: bool, inbox: list) -> tuple[object, list]:
         """Submit group g's step: the ref of its step count and the refs of its outgoing bundles."""
         sends = len(self.layout.outgoing[g])
+        if self.options.transport != "object-store":  # Ray Direct Transport: one small task per outgoing link
+            done = self.actors[g].step.remote(has_inbox, *inbox)
+            outbox = getattr(self.actors[g], f"outbox_{self.options.transport}")
+            return done, [outbox.remote(k) for k in range(sends)]
         refs = self.actors[g].step.options(num_returns=1 + sends).remote(has_inbox, *inbox)
         refs = list(refs) if sends else [refs]
         return refs[0], refs[1:]
