@@ -60,9 +60,9 @@ def test_impossible_group_counts_are_refused(num_groups):
         GroupLayout.balanced(_plan("dsgd", topology="ring"), num_groups)
 
 
-def _run_groups(experiment, num_groups: int, steps: int) -> list[np.ndarray]:
+def groups_after(experiment, num_groups: int, steps: int) -> list[WorkerGroup]:
     """The engine's dataflow without Ray: one step call per group, crossing messages routed by the layout,
-    delivered at the end."""
+    delivered at the end; returns the groups."""
     layout = GroupLayout.balanced(experiment.plan, num_groups)
     groups = [WorkerGroup([experiment.worker_spec(r) for r in ranks], experiment.task_data, None, layout, g)
               for g, ranks in enumerate(layout.groups)]
@@ -72,7 +72,11 @@ def _run_groups(experiment, num_groups: int, steps: int) -> list[np.ndarray]:
         outboxes = [group.step(outboxes is not None, *inbox) for group, inbox in zip(groups, inboxes)]
     for group, inbox in zip(groups, layout.route(outboxes)):
         group.receive(*inbox)
-    return [w.params() for group in groups for w in group.workers]
+    return groups
+
+
+def _run_groups(experiment, num_groups: int, steps: int) -> list[np.ndarray]:
+    return [w.params() for group in groups_after(experiment, num_groups, steps) for w in group.workers]
 
 
 def _run_simulator(experiment, steps: int) -> list[np.ndarray]:

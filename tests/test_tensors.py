@@ -9,10 +9,10 @@ import torch
 from relay_ray import tensors
 from relay_ray.config import RunConfig
 from relay_ray.experiment import build_experiment
-from relay_ray.group import GroupLayout, WorkerGroup
 from relay_ray.problems import ClassificationProblem, batched_loss_and_grad
 from relay_ray.simulate import simulate
 from relay_ray.worker import Worker, step_workers
+from tests.test_group import groups_after
 
 ALGORITHM_LAYOUTS = [("relaysgd", dict(tree="double-binary")), ("relaysgd", dict(tree="chain", relay_fill="current")),
                      ("relaysgd", dict(tree="double-binary", relay_fill="last")),
@@ -22,17 +22,8 @@ ALGORITHM_LAYOUTS = [("relaysgd", dict(tree="double-binary")), ("relaysgd", dict
 IDS = [f"{a}-{'-'.join(layout.values()) or 'exact'}" for a, layout in ALGORITHM_LAYOUTS]
 
 
-def _run_group(experiment, steps: int, num_groups: int = 3) -> list[WorkerGroup]:
-    layout = GroupLayout.balanced(experiment.plan, num_groups)
-    groups = [WorkerGroup([experiment.worker_spec(r) for r in ranks], experiment.task_data, None, layout, g)
-              for g, ranks in enumerate(layout.groups)]
-    outboxes = None
-    for _ in range(steps):
-        inboxes = layout.route(outboxes) if outboxes is not None else [[] for _ in groups]
-        outboxes = [group.step(outboxes is not None, *inbox) for group, inbox in zip(groups, inboxes)]
-    for group, inbox in zip(groups, layout.route(outboxes)):
-        group.receive(*inbox)
-    return groups
+def _run_group(experiment, steps: int) -> list:
+    return groups_after(experiment, 3, steps)
 
 
 @pytest.mark.parametrize("algorithm,layout", ALGORITHM_LAYOUTS, ids=IDS)
