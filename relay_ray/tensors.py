@@ -4,7 +4,8 @@ The algorithms keep their state (models, momentum, relay buffers) in whichever k
 numpy on the host (fastest on CPU), or torch tensors on the worker's device (``--tensors torch``,
 the default with ``--device cuda``), where nothing leaves the GPU between steps.  Arithmetic
 operators work on both; what differs (copy, concatenate, allocate, a count entry) is here, so the
-algorithm code is written once.  Only messages that leave a process become numpy (``to_host``).
+algorithm code is written once.  Only messages that leave a process through Ray's object store
+become numpy (``to_host``); with ``--transport gloo|nccl`` they travel as tensors.
 """
 
 from __future__ import annotations
