@@ -13,6 +13,7 @@ import yaml
 from relay_ray.algorithms import ALGORITHMS, FILL_RULES, TREE_ALGORITHMS
 from relay_ray.errors import UserError
 from relay_ray.files import write_atomic
+from relay_ray.loggers import parse_loggers
 from relay_ray.names import DATASETS, MODELS
 from relay_ray.straggle import Straggle
 from relay_ray.topology import GRAPHS, TREES
@@ -157,6 +158,10 @@ class RunConfig:
     keep: int = setting(3, "complete checkpoints to keep; older ones are deleted (default: 3)", metavar="N",
                         resumable=True, group="output")
     out: str | None = setting(None, "output directory", resumable=True, group="output", flag=None)
+    logger: str | None = setting(None, "also log every evaluation to an experiment tracker: mlflow, wandb or "
+                                 "mlflow,wandb (MLFLOW_TRACKING_URI, WANDB_PROJECT, WANDB_MODE apply; TensorBoard "
+                                 "files are always written) (default: none)", metavar="{mlflow,wandb}",
+                                 resumable=True, group="output")
 
     def __post_init__(self) -> None:
         self._validate()
@@ -198,6 +203,7 @@ class RunConfig:
         _positive("eval-every", self.eval_every)
         _positive("eval-samples", self.eval_samples)
         _positive("checkpoint-every", self.checkpoint_every)
+        parse_loggers(self.logger)
         if not 0 <= self.seed < 2 ** 31:
             raise UserError(f"--seed must be in [0, 2^31), got {self.seed}")
         if not 0 <= self.drop_prob < 1:
@@ -272,6 +278,11 @@ class RunConfig:
             raise UserError("the quadratics task has its own linear model; drop --model")
 
     # ------------------------------------------------------------------ derived
+    @property
+    def loggers(self) -> tuple[str, ...]:
+        """The experiment trackers of ``--logger``, parsed."""
+        return parse_loggers(self.logger)
+
     @property
     def uses_trees(self) -> bool:
         return self.algorithm in TREE_ALGORITHMS

@@ -14,6 +14,7 @@ import numpy as np
 from relay_ray.config import RunConfig
 from relay_ray.errors import Diverged
 from relay_ray.files import write_atomic
+from relay_ray.loggers import Trackers
 from relay_ray.titles import command_stamp, run_title
 
 
@@ -166,6 +167,8 @@ class RunRecorder:
         self.config = config
         self.rows: list[dict] = []
         self.events = TensorBoardLog(self.out_dir / TENSORBOARD_DIR, resume_step) if self.out_dir else None
+        self.trackers = Trackers(config.loggers, self.out_dir, self.out_dir.name, config.to_dict()) \
+            if self.out_dir and config.loggers else None
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             config.dump(self.out_dir / "config.yaml", engine=engine)
@@ -195,6 +198,8 @@ class RunRecorder:
             if written != len(data):
                 raise OSError(f"short write to {self.metrics_path} ({written} of {len(data)} bytes)")
             self.events.record(row)
+            if self.trackers is not None:
+                self.trackers.record(row)
 
     def finish(self, summary: dict) -> None:
         if self.out_dir is None:
@@ -204,6 +209,21 @@ class RunRecorder:
         write_atomic(self.out_dir / "curves.png", lambda f: plot_curves(
             {self.config.algorithm: self.rows}, f, title=f"{run_title(self.config)}\n{command_stamp()}",
             diverged={self.config.algorithm: summary["diverged"]} if summary.get("diverged") else None))
+        if self.trackers is not None:
+            self.trackers.close("failed" if summary.get("diverged") else "finished",
+                                [self.out_dir / "curves.png", self.out_dir / "summary.json"])
+            self.trackers = None
+
+    def close(self) -> None:
+        """A run that stops without ``finish`` (interrupted, or out of restarts): its trackers' runs
+        are marked killed, and ``--resume`` continues them."""
+        if self.trackers is not None:
+            trackers, self.trackers = self.trackers, None
+            try:
+                trackers.close("killed")
+            except Exception as exc:  # the run's own error is the one to report
+                print(f"relay-ray: could not mark the tracker run as killed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
 
 
 def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.errors import UserError
+from relay_ray.loggers import check_installed
 from relay_ray.topology import check_bounded, make_graph
 
 GB = 1e9
@@ -50,6 +51,9 @@ def check_run(config: RunConfig, options: EngineOptions | None = None, address: 
     """Everything that can be known before the experiment is built and Ray starts, cheapest first."""
     check_bounded(config.num_workers)
     check_out(config.out)
+    if config.loggers and not config.out:
+        raise UserError("--logger needs an output directory (out): the tracker's run id is kept there")
+    check_installed(config.loggers)
     if config.backend == "local" and options is not None and options.straggle:
         raise UserError("--straggle delays Ray actors; it needs --backend ray")
     address = address or os.environ.get("RAY_ADDRESS")

@@ -18,7 +18,8 @@ from relay_ray.errors import UserError
 
 LOCK = ".lock"
 RUN_MARKER = "config.yaml"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "checkpoints", "tensorboard")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "checkpoints", "tensorboard",
+             "loggers.json", "wandb")
 
 
 def _alive(pid: int) -> bool:

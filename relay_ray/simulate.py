@@ -68,6 +68,9 @@ def simulate(config: RunConfig, experiment: Experiment | None = None, progress: 
         exc.summary = summarize(experiment, recorder.rows, time.perf_counter() - start, "local", diverged=str(exc))
         recorder.finish(exc.summary)
         raise
+    except BaseException:  # interrupted, or a failure the run gives up on
+        recorder.close()
+        raise
     finally:
         bar.close()
     summary = summarize(experiment, recorder.rows, time.perf_counter() - start, "local")

@@ -19,16 +19,18 @@ import yaml
 
 from relay_ray.config import RunConfig
 from relay_ray.errors import UserError
+from relay_ray.loggers import parse_loggers
 
 SEARCH_KINDS = ("grid_search", "choice", "uniform", "loguniform")
 METRICS = ("test_acc_worst", "test_acc_mean", "test_acc_avg_model", "train_loss", "consensus_distance",
            "suboptimality", "suboptimality_worst")
 SWEEP_KEYS = ("name", "description", "base", "search", "metric", "mode", "num_samples", "scheduler", "resources",
-              "max_failures", "max_concurrent_trials")
+              "max_failures", "max_concurrent_trials", "loggers")
 RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial", "driver_cpus", "workers_per_actor", "window")
 SCHEDULER_KEYS = {"fifo": (), "asha": ("max_t", "grace_period", "reduction_factor")}
-# Settings a sweep owns itself: every trial runs on Ray and writes into its own trial directory.
-NOT_SEARCHABLE = ("backend", "out")
+# Settings a sweep owns itself: every trial runs on Ray and writes into its own trial directory, and
+# experiment trackers are the sweep's (``loggers:``, Tune's own callbacks), not each trial's.
+NOT_SEARCHABLE = ("backend", "out", "logger")
 # ``search: {variant: {grid_search: [{algorithm: dsgd, topology: ring}, ...]}}`` couples settings that
 # only make sense together (an algorithm and its graph); each variant is merged into the trial's settings.
 VARIANT = "variant"
@@ -48,6 +50,7 @@ class Sweep:
     max_failures: int = 1
     max_concurrent_trials: int | None = None
     description: str = ""
+    loggers: list = field(default_factory=list)
 
     @property
     def cpus_per_trial(self) -> float:
@@ -198,7 +201,8 @@ def parse_sweep(data, path: str | Path = "sweep.yaml") -> Sweep:
         _fail(path, "base: and search: must be mappings")
     for key in NOT_SEARCHABLE:
         if key in base:
-            _fail(path, f"base: '{key}' is set by the sweep itself (each trial runs on Ray in its own directory)")
+            _fail(path, f"base: '{key}' is set by the sweep itself (each trial runs on Ray in its own directory; "
+                        "trackers: loggers: at the top of the sweep file)")
     for key, spec in search.items():
         _check_search(path, key, spec)
     variant_keys = {k for v in (search.get(VARIANT) or {}).get("grid_search", []) + (search.get(VARIANT) or {}).get(
@@ -245,6 +249,10 @@ def parse_sweep(data, path: str | Path = "sweep.yaml") -> Sweep:
         value = data.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             _fail(path, f"{key} must be an integer >= 0, got {value!r}")
+    try:
+        loggers = parse_loggers(data.get("loggers"))
+    except UserError as exc:
+        _fail(path, f"loggers: {exc}")
     name = str(data.get("name") or Path(str(path)).stem)
     if not name.replace("_", "").replace("-", "").isalnum():
         _fail(path, f"name may hold letters, digits, '-' and '_' only, got {name!r}")
@@ -252,7 +260,7 @@ def parse_sweep(data, path: str | Path = "sweep.yaml") -> Sweep:
                   scheduler=scheduler, resources=resources,
                   max_failures=data.get("max_failures", 1) if data.get("max_failures") is not None else 1,
                   max_concurrent_trials=data.get("max_concurrent_trials"),
-                  description=str(data.get("description") or ""))
+                  description=str(data.get("description") or ""), loggers=list(loggers))
     _check_runs(path, sweep)
     return sweep
 

@@ -29,6 +29,7 @@ from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.engine import Engine, connect
 from relay_ray.errors import Diverged, UserError
 from relay_ray.experiment import build_experiment
+from relay_ray.loggers import DEFAULT_PROJECT, check_installed
 from relay_ray.sweep_file import VARIANT, Sweep, edge_notes, load_sweep, parse_sweep, run_settings
 from relay_ray.titles import command_stamp
 
@@ -199,6 +200,24 @@ class TrialLines(tune.Callback):
         self._line(trials, trial, "FAILED (see results.csv and the trial's error.txt)")
 
 
+def tracker_callbacks(sweep: Sweep) -> list:
+    """Tune's own MLflow and W&B callbacks for ``loggers:``: one tracker run per trial, named by Tune,
+    in the MLflow experiment / W&B project ``relay_ray`` (MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT)."""
+    callbacks = []
+    if "mlflow" in sweep.loggers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(MLflowLoggerCallback(
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"), tags={"sweep": sweep.name},
+            experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_PROJECT)))
+    if "wandb" in sweep.loggers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
+                                             group=sweep.name))
+    return callbacks
+
+
 PROGRESS = ("lines", "tune", "none")
 
 
@@ -212,6 +231,7 @@ def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = Non
     out = Path(out).resolve()
     saved = out / "sweep.yaml"
     sweep = load_sweep(sweep_file, {"data_dir": str(Path(data_dir).resolve())} if data_dir else None)
+    check_installed(tuple(sweep.loggers))
     if resume:
         if not saved.exists():
             raise UserError(f"--resume: {out} holds no sweep (no sweep.yaml); run it once without --resume")
@@ -246,7 +266,8 @@ def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = Non
                                             max_concurrent_trials=sweep.max_concurrent_trials),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path,
                                           verbose=1 if progress == "tune" else 0,
-                                          callbacks=[TrialLines(sweep)] if progress == "lines" else None,
+                                          callbacks=([TrialLines(sweep)] if progress == "lines" else []) +
+                                          tracker_callbacks(sweep),
                                           failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_CHECKPOINTS),
                                           # each trial's run files (metrics.jsonl, curves.png) reach the storage

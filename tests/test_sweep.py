@@ -20,6 +20,8 @@ def sweep(**overrides):
 
 BAD_SWEEPS = [
     (sweep(serach={}), "unknown key(s) serach"),
+    (sweep(loggers=["mlflow", "comet"]), "loggers: unknown --logger 'comet'"),
+    (sweep(base={**BASE, "logger": "mlflow"}), "base: 'logger' is set by the sweep itself"),
     (sweep(search={"lrr": {"grid_search": [0.1]}}), "unknown run setting 'lrr'"),
     (sweep(search={"lr": {"uniformm": [0.1, 1]}}), "unknown kind 'uniformm'"),
     (sweep(search={"lr": {"uniform": [1.0, 0.1]}}), "lo must be < hi"),

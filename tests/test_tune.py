@@ -35,9 +35,15 @@ def write(tmp_path, data, name="sweep.yaml"):
     return path
 
 
-def test_four_trial_sweep(ray_two_cpus, tmp_path, capfd):
+def test_four_trial_sweep(ray_two_cpus, tmp_path, capfd, monkeypatch):
     out = tmp_path / "out"
-    swept = relay_ray.sweep(write(tmp_path, FOUR_TRIALS), out)  # the Python API; relay-ray's line per trial
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a real local store, read back below
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sweeps")
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    sweep_file = write(tmp_path, {**FOUR_TRIALS, "loggers": ["mlflow"]})
+    swept = relay_ray.sweep(sweep_file, out)  # the Python API; relay-ray's line per trial
     table = swept.table
     assert len(swept.trials) == 4 and swept.path == out
     printed = capfd.readouterr()
@@ -66,6 +72,13 @@ def test_four_trial_sweep(ray_two_cpus, tmp_path, capfd):
     assert table in best
     assert "best lr 0.1 is the grid's upper edge; extend the grid above it" in best  # a 2-point grid has no inside
     assert (out / "sweep.png").stat().st_size > 10_000
+
+    # loggers: [mlflow] -> Tune's MLflow callback: one tracker run per trial with its reported metric
+    client = mlflow.tracking.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    assert len(runs) == 4 and {r.data.tags.get("sweep") for r in runs} == {"four"}
+    logged = sorted(round(r.data.metrics["test_acc_worst"], 6) for r in runs)
+    assert logged == sorted(round(v, 6) for v in results["test_acc_worst"])
 
 
 def test_sweep_needing_more_cpus_than_the_cluster_fails_fast(ray_two_cpus, tmp_path):

@@ -403,6 +403,9 @@ class Engine:
             exc.summary = self._summary(recorder, start, diverged=str(exc))
             recorder.finish(exc.summary)
             raise
+        except BaseException:  # interrupted, or a failure the run gives up on
+            recorder.close()
+            raise
         finally:
             bar.close()
         summary = self._summary(recorder, start)
