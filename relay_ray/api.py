@@ -22,6 +22,7 @@ import pandas as pd
 from relay_ray import rundir, runner
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.metrics import read_rows
+from relay_ray.storage import Location, is_uri
 
 
 @dataclass
@@ -32,25 +33,31 @@ class Result:
     config: RunConfig
     summary: dict
     metrics: pd.DataFrame
-    path: Path | None
+    path: Path | str | None  # a local folder, or the storage URI of an ``out="s3://..."`` run
 
     @property
     def final(self) -> dict:
         return self.summary["final"]
 
     @property
-    def checkpoint(self) -> Path | None:
+    def checkpoint(self) -> Path | str | None:
         """The newest complete checkpoint of the run (None without ``checkpoint_every``)."""
         if self.path is None:
             return None
-        steps = sorted(self.path.glob("checkpoints/step-*/manifest.json"))
-        return steps[-1].parent if steps else None
+        from relay_ray.checkpoint import MANIFEST  # torch: imported when asked, not with the API
+
+        root = Location(self.path) / "checkpoints"
+        steps = sorted(name for name in root.list_dirs() if (root / name / MANIFEST).exists())
+        if not steps:
+            return None
+        newest = root / steps[-1]
+        return str(newest) if newest.remote else newest.path
 
 
 def _result(config: RunConfig, summary: dict, rows: list[dict] | None = None) -> Result:
-    path = Path(config.out) if config.out else None
+    path = (config.out if is_uri(config.out) else Path(config.out)) if config.out else None
     if rows is None:
-        rows = read_rows(path / "metrics.jsonl") if path is not None else []
+        rows = read_rows(str(Location(path) / "metrics.jsonl")) if path is not None else []
     metrics = pd.DataFrame([{k: v for k, v in row.items() if k != "metric_per_worker"} for row in rows])
     return Result(config, summary, metrics, path)
 

@@ -18,6 +18,9 @@ state of the run, and a resumed run takes the same next step as an uninterrupted
 ``step(inbox)`` into ``receive(inbox)`` + ``step()`` performs the same arithmetic in the same
 order, so checkpointing itself does not change the numbers.
 
+``OUT`` may be a storage URI (``s3://...``; see ``relay_ray.storage``): each worker then uploads its
+own file there, and the manifest is uploaded last, as on a local disk.
+
 Worker files hold only tensors and plain Python values (numpy arrays are stored as tensors and
 marked), so they load with ``torch.load(weights_only=True)``.
 """
@@ -28,7 +31,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,7 @@ import torch
 
 from relay_ray.config import RESUMABLE_CHANGES, RunConfig
 from relay_ray.errors import Diverged, UserError
-from relay_ray.files import write_atomic
+from relay_ray.storage import Location
 
 WORKER_FORMAT = "relay_ray.worker-checkpoint/1"
 MANIFEST_FORMAT = "relay_ray.checkpoint/1"
@@ -85,8 +87,10 @@ def _decode(value):
     return value
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync_dir(directory: Location) -> None:
+    if directory.remote:
+        return  # an object store has no directory entries to make durable
+    fd = os.open(directory.path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -99,16 +103,18 @@ def save_worker(directory: str | Path, rank: int, header: dict, state: dict) -> 
     buffer = io.BytesIO()
     torch.save({"format": WORKER_FORMAT, "rank": rank, **header, "state": _encode(state)}, buffer)
     data = buffer.getvalue()
-    path = Path(directory) / worker_filename(rank)
-    write_atomic(path, data, durable=True)
-    return {"file": path.name, "rank": rank, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    Location(directory).child(worker_filename(rank)).write_bytes(data, durable=True)
+    return {"file": worker_filename(rank), "rank": rank, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def load_worker(directory: str | Path, rank: int, header: dict) -> dict:
     """Called by a worker: its state from ``directory``, after checking the file was written for it."""
-    path = Path(directory) / worker_filename(rank)
+    location = Location(directory).child(worker_filename(rank))
+    path = location.shown
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(location.read_bytes()), map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except Exception as exc:  # truncated / corrupt / not a torch file: never unpickle anything else
         raise UserError(f"cannot load checkpoint file {path}: {type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
@@ -125,7 +131,7 @@ def load_worker(directory: str | Path, rank: int, header: dict) -> dict:
 class Checkpoint:
     """A complete checkpoint: its directory, step and the run's wall time when it was written."""
 
-    directory: Path
+    directory: Path | str  # a local folder, or a storage URI
     step: int
     wall_s: float
 
@@ -137,14 +143,16 @@ def _config_mismatch(saved: dict, config: RunConfig) -> str | None:
     return "; ".join(diffs) if diffs else None
 
 
-def inspect_checkpoint(directory: Path, config: RunConfig, plan) -> Checkpoint:
+def inspect_checkpoint(directory: Path | str | Location, config: RunConfig, plan) -> Checkpoint:
     """The checkpoint in ``directory`` if it is complete and belongs to this run.
 
     Raises ``_Unusable`` (skip it, an older one may do) for an incomplete / truncated / corrupt
     one, and ``UserError`` for a checkpoint of another run (another algorithm, topology, worker
     count, ...), which no older checkpoint in the same place would fix.
     """
-    manifest_path = directory / MANIFEST
+    location = directory if isinstance(directory, Location) else Location(directory)
+    directory = location.shown
+    manifest_path = location.child(MANIFEST)
     if not manifest_path.exists():
         raise _Unusable("incomplete (no manifest.json)")
     try:
@@ -162,43 +170,43 @@ def inspect_checkpoint(directory: Path, config: RunConfig, plan) -> Checkpoint:
     if len(workers) != config.num_workers:
         raise UserError(f"checkpoint {directory} has {len(workers)} workers, this run has {config.num_workers}")
     for record in workers:
-        path = directory / record["file"]
+        path = location.child(record["file"])
         if not path.exists():
             raise _Unusable(f"{record['file']} is missing")
-        size = path.stat().st_size
+        size = path.size()
         if size != record["bytes"]:
             raise _Unusable(f"{record['file']} is truncated or altered ({size} of {record['bytes']} bytes)")
         if _sha256(path) != record["sha256"]:
             raise _Unusable(f"{record['file']} is corrupt (checksum mismatch)")
-    return Checkpoint(directory, step, float(manifest.get("wall_s", 0.0)))
+    return Checkpoint(str(location) if location.remote else location.path, step, float(manifest.get("wall_s", 0.0)))
 
 
 class _Unusable(Exception):
     """A checkpoint that cannot be used (the reason is the message); an older one may still be."""
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Location) -> str:
+    if path.remote:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path.path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in root.iterdir() if root.is_dir() else []:
-        if path.is_dir() and path.name.startswith("step-") and path.name[5:].isdigit():
-            found.append((int(path.name[5:]), path))
-    return sorted(found)
+def _step_dirs(root: Location) -> list[tuple[int, Location]]:
+    found = [(int(name[5:]), root.child(name)) for name in root.list_dirs()
+             if name.startswith("step-") and name[5:].isdigit()]
+    return sorted(found, key=lambda item: item[0])
 
 
 def find_latest(run_dir: str | Path, config: RunConfig, plan) -> tuple[Checkpoint, list[str]]:
     """The newest complete checkpoint of the run in ``run_dir``, and why newer ones were skipped."""
-    root = Path(run_dir) / "checkpoints"
+    root = Location(run_dir).child("checkpoints")
     candidates = _step_dirs(root)
     if not candidates:
-        raise UserError(f"no checkpoint in {root}; the run was not started with --checkpoint-every, "
+        raise UserError(f"no checkpoint in {root.shown}; the run was not started with --checkpoint-every, "
                         "or was stopped before its first checkpoint")
     skipped = []
     for step, directory in reversed(candidates):
@@ -206,7 +214,7 @@ def find_latest(run_dir: str | Path, config: RunConfig, plan) -> tuple[Checkpoin
             return inspect_checkpoint(directory, config, plan), skipped
         except _Unusable as why:
             skipped.append(f"step {step}: {why}")
-    raise UserError(f"no usable checkpoint in {root}: " + "; ".join(skipped))
+    raise UserError(f"no usable checkpoint in {root.shown}: " + "; ".join(skipped))
 
 
 class CheckpointStore:
@@ -214,7 +222,7 @@ class CheckpointStore:
     then old checkpoints pruned so that ``keep`` complete ones remain."""
 
     def __init__(self, run_dir: str | Path, config: RunConfig, plan, latest: Checkpoint | None = None):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = Location(run_dir).child("checkpoints")
         self.config = config
         self.plan = plan
         self.latest = latest  # the newest complete checkpoint of this run (where a restart resumes)
@@ -231,41 +239,40 @@ class CheckpointStore:
         """What every worker file records and is checked against on load."""
         return worker_header(self.config, self.plan)
 
-    def begin(self, step: int) -> Path:
+    def begin(self, step: int) -> Location:
         """An empty directory for the workers' files (a leftover of an abandoned attempt is removed)."""
-        directory = self.root / step_dirname(step)
-        if directory.exists():
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
+        directory = self.root.child(step_dirname(step))
+        directory.remove()
+        directory.make_dirs()
         return directory
 
     def commit(self, step: int, records: list[dict], wall_s: float) -> Checkpoint:
         """Write the manifest (atomic rename): from now on the checkpoint exists.  Then prune."""
-        directory = self.root / step_dirname(step)
+        directory = self.root.child(step_dirname(step))
         records = sorted(records, key=lambda r: r["rank"])
         if [r["rank"] for r in records] != list(range(self.config.num_workers)):
             raise RuntimeError(f"checkpoint {step}: got files of workers {[r['rank'] for r in records]}")
         diverged = [r["rank"] for r in records if not r.get("finite", True)]
         if diverged:  # never the newest checkpoint: a resume or restart would start from NaN
-            shutil.rmtree(directory, ignore_errors=True)
+            directory.remove()
             raise Diverged(f"diverged by step {step} on worker {diverged[0]}: model or loss not finite; lower --lr")
         manifest = {"format": MANIFEST_FORMAT, "step": step, "wall_s": wall_s, "num_workers": self.config.num_workers,
                     "algorithm": self.config.algorithm, "plan": plan_digest(self.plan),
                     "config": self.config.to_dict(), "workers": records}
-        write_atomic(directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), durable=True)
+        directory.child(MANIFEST).write_bytes((json.dumps(manifest, indent=1) + "\n").encode(), durable=True)
         _fsync_dir(directory)
-        self.latest = Checkpoint(directory, step, wall_s)
+        self.latest = Checkpoint(str(directory) if directory.remote else directory.path, step, wall_s)
         self._prune(step)
         return self.latest
 
     def _prune(self, current: int) -> None:
         """Keep the newest ``keep`` complete checkpoints up to ``current``; remove the rest
         (older ones, incomplete ones, and any left from an abandoned future of a resumed run)."""
-        complete = [(s, d) for s, d in _step_dirs(self.root) if s <= current and (d / MANIFEST).exists()]
+        complete = [(s, d) for s, d in _step_dirs(self.root) if s <= current and d.child(MANIFEST).exists()]
         keep = {d for _, d in complete[-self.config.keep:]}
         for _, directory in _step_dirs(self.root):
             if directory not in keep:
-                shutil.rmtree(directory, ignore_errors=True)
+                directory.remove()
 
 
 def worker_header(config: RunConfig, plan) -> dict:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from relay_ray import preflight, runner
 from relay_ray.config import EngineOptions, RunConfig
-from relay_ray.errors import Diverged
+from relay_ray.errors import Diverged, UserError
 from relay_ray.experiment import build_experiment
 from relay_ray.metrics import plot_curves, read_rows
+from relay_ray.storage import is_uri
 from relay_ray.titles import command_stamp, layout_name
 
 
@@ -52,6 +53,9 @@ def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_
 def run_comparison(configs: list[RunConfig], options: EngineOptions | None = None, out_dir: str | None = None,
                    address: str | None = None, progress: bool = True) -> tuple[str, dict[str, dict], dict[str, list]]:
     """``compare``, also returning each algorithm's summary and metrics rows (rows only with ``out_dir``)."""
+    if is_uri(out_dir):
+        raise UserError(f"compare writes its table and figure into a local folder, not {out_dir}; "
+                        "give a local --out (a run's --out may be a storage URI)")
     preflight.check_out(out_dir)
     for config in configs:  # runs one after another: each must fit on its own
         preflight.check_run(config, options, address)

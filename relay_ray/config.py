@@ -14,6 +14,7 @@ from relay_ray.algorithms import ALGORITHMS, FILL_RULES, TREE_ALGORITHMS
 from relay_ray.errors import UserError
 from relay_ray.files import write_atomic
 from relay_ray.loggers import parse_loggers
+from relay_ray.storage import Location
 from relay_ray.names import DATASETS, MODELS
 from relay_ray.straggle import Straggle
 from relay_ray.topology import GRAPHS, TREES
@@ -363,7 +364,7 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = yaml.safe_load(Location(path).read_text())
         except OSError as exc:
             raise UserError(f"cannot read run config {path}: {exc}") from None
         except yaml.YAMLError as exc:

@@ -14,7 +14,8 @@ import numpy as np
 from relay_ray.config import RunConfig
 from relay_ray.errors import Diverged
 from relay_ray.files import write_atomic
-from relay_ray.loggers import Trackers
+from relay_ray.loggers import STATE_FILE, Trackers
+from relay_ray.storage import Location, Mirror, is_uri
 from relay_ray.titles import command_stamp, run_title
 
 
@@ -96,8 +97,10 @@ def format_row(row: dict, total_steps: int) -> str:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The complete lines of a metrics.jsonl (a line cut short by a crash is not a row)."""
-    text = Path(path).read_text() if Path(path).exists() else ""
+    """The complete lines of a metrics.jsonl, local or at a storage URI (a line cut short by a crash
+    is not a row)."""
+    location = Location(path)
+    text = location.read_text() if location.exists() else ""
     rows = []
     for line in text.split("\n")[:-1]:  # the part after the last newline is unfinished
         try:
@@ -108,6 +111,8 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 TENSORBOARD_DIR = "tensorboard"
+# what a resumed run with an --out URI brings back into its local mirror before it goes on
+MIRRORED_ON_RESUME = ("metrics.jsonl", STATE_FILE, TENSORBOARD_DIR)
 
 
 class TensorBoardLog:
@@ -163,7 +168,11 @@ class RunRecorder:
 
     def __init__(self, out_dir: str | Path | None, config: RunConfig, resume_step: int | None = None,
                  engine: dict | None = None):
-        self.out_dir = Path(out_dir) if out_dir else None
+        # an --out URI: the files are written to a local mirror and pushed after each evaluation
+        self.mirror = Mirror.staging(Location(out_dir)) if is_uri(out_dir) else None
+        if self.mirror is not None and resume_step is not None:
+            self.mirror.pull(MIRRORED_ON_RESUME)
+        self.out_dir = self.mirror.local if self.mirror else Path(out_dir) if out_dir else None
         self.config = config
         self.rows: list[dict] = []
         self.events = TensorBoardLog(self.out_dir / TENSORBOARD_DIR, resume_step) if self.out_dir else None
@@ -176,6 +185,11 @@ class RunRecorder:
             if resume_step is not None:
                 self.rows = read_rows(self.metrics_path)
             self.truncate(resume_step or 0)
+            self._push()
+
+    def _push(self) -> None:
+        if self.mirror is not None:
+            self.mirror.push()
 
     def truncate(self, step: int) -> None:
         """Forget the rows after ``step`` (a run going back to a checkpoint will record them again)."""
@@ -200,6 +214,7 @@ class RunRecorder:
             self.events.record(row)
             if self.trackers is not None:
                 self.trackers.record(row)
+            self._push()
 
     def finish(self, summary: dict) -> None:
         if self.out_dir is None:
@@ -213,10 +228,11 @@ class RunRecorder:
             self.trackers.close("failed" if summary.get("diverged") else "finished",
                                 [self.out_dir / "curves.png", self.out_dir / "summary.json"])
             self.trackers = None
+        self._push()
 
     def close(self) -> None:
         """A run that stops without ``finish`` (interrupted, or out of restarts): its trackers' runs
-        are marked killed, and ``--resume`` continues them."""
+        are marked killed (``--resume`` continues them) and a remote --out gets the files so far."""
         if self.trackers is not None:
             trackers, self.trackers = self.trackers, None
             try:
@@ -224,6 +240,11 @@ class RunRecorder:
             except Exception as exc:  # the run's own error is the one to report
                 print(f"relay-ray: could not mark the tracker run as killed: {type(exc).__name__}: {exc}",
                       file=sys.stderr)
+        if self.mirror is not None:
+            try:
+                self._push()
+            except Exception as exc:
+                print(f"relay-ray: could not push the run files to {self.mirror.remote.shown}: {exc}", file=sys.stderr)
 
 
 def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "",

@@ -18,6 +18,7 @@ from pathlib import Path
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.errors import UserError
 from relay_ray.loggers import check_installed
+from relay_ray.storage import Location, is_uri
 from relay_ray.topology import check_bounded, make_graph
 
 GB = 1e9
@@ -73,6 +74,9 @@ def check_out(out: str | None) -> None:
     """An --out that is a file, or whose nearest existing folder is not writable (for library callers:
     the CLI's ``rundir.check_out`` also tries a write)."""
     if out is None:
+        return
+    if is_uri(out):  # reachable with these credentials; the CLI's rundir.check_out also tries a write
+        Location(out).exists()
         return
     path = Path(out)
     if path.exists() and not path.is_dir():

@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 from relay_ray.errors import UserError
+from relay_ray.storage import Location, is_uri
 
 LOCK = ".lock"
 RUN_MARKER = "config.yaml"
@@ -32,10 +33,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holder(lock: Path) -> dict | None:
+def _holder(lock: Path | Location) -> dict | None:
     try:
         return json.loads(lock.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):
         return None
 
 
@@ -45,6 +46,9 @@ def check_out(out: str | None, *, resume: bool = False, overwrite: bool = False,
         return
     if not str(out).strip():
         raise UserError("--out is empty; give an output directory")
+    if is_uri(out):
+        _check_remote(Location(out), resume=resume, overwrite=overwrite)
+        return
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
@@ -67,7 +71,23 @@ def check_out(out: str | None, *, resume: bool = False, overwrite: bool = False,
                     "it, or another --out")
 
 
-def _refuse_if_live(path: Path) -> None:
+def _check_remote(where: Location, *, resume: bool, overwrite: bool) -> None:
+    """A storage URI: writable with these credentials (a probe object is written and removed), not in
+    use by a live run, and not holding a run unless resumed or overwritten."""
+    holds_run = where.child(RUN_MARKER).exists()
+    if resume and not holds_run:
+        return  # nothing to resume: the resume itself says so (and no probe object is left behind)
+    probe = where.child(f".probe-{os.getpid()}")
+    probe.write_bytes(b"")
+    probe.remove()
+    _refuse_if_live(where)
+    if resume or overwrite or not holds_run:
+        return
+    raise UserError(f"--out {where.shown} already holds a run; give --resume {where.shown} to continue it, "
+                    "--overwrite to replace it, or another --out")
+
+
+def _refuse_if_live(path: Path | Location) -> None:
     """A one-line refusal when another process holds ``path``'s lock (a stale lock is not live)."""
     lock = path / LOCK
     if not lock.exists():
@@ -76,6 +96,7 @@ def _refuse_if_live(path: Path) -> None:
     if holder and holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
         return
     who = f"pid {holder['pid']} on {holder['host']}" if holder else "another process"
+    path, lock = getattr(path, "shown", path), getattr(lock, "shown", lock)
     raise UserError(f"--out {path} is in use by a running relay-ray ({who}); wait for it or pick another "
                     f"--out (a lock left by a killed run on another host: remove {lock})")
 
@@ -86,6 +107,10 @@ def claimed(out: str | None, *, overwrite: bool = False):
     ``overwrite``: the run files of an earlier run are removed once the lock is ours."""
     if out is None:
         yield
+        return
+    if is_uri(out):
+        with _claimed_remote(Location(out), overwrite=overwrite):
+            yield
         return
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
@@ -115,3 +140,21 @@ def claimed(out: str | None, *, overwrite: bool = False):
     finally:
         if (_holder(lock) or {}).get("pid") == me["pid"]:
             lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _claimed_remote(where: Location, *, overwrite: bool):
+    """The lock of a storage URI: an object naming its holder.  An object store has no create-if-absent
+    here, so two runs started within the same instant could both take it; any later one is refused."""
+    _refuse_if_live(where)
+    lock = where.child(LOCK)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    lock.write_bytes(json.dumps(me) + "\n")
+    try:
+        if overwrite:
+            for name in RUN_FILES:
+                where.child(name).remove()
+        yield
+    finally:
+        if (_holder(lock) or {}) == me:
+            lock.remove()

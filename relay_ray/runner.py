@@ -13,6 +13,7 @@ from pathlib import Path
 from relay_ray import preflight
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.errors import UserError
+from relay_ray.storage import Location, is_uri
 
 
 @dataclass
@@ -36,27 +37,33 @@ def from_resume(run_dir: str, changed: dict, options: EngineOptions | None = Non
     """Continue the run in ``run_dir`` from its newest complete checkpoint; ``changed`` may only
     touch settings a resume may change (checked against the checkpoint).  ``options``/``address``:
     where it will run, for the checks made before its experiment is built."""
-    directory = Path(run_dir)
+    directory = Location(run_dir)
     if not directory.is_dir():
-        raise UserError(f"--resume {run_dir} does not exist or is not a directory")
-    if not (directory / "config.yaml").is_file():
-        raise UserError(f"--resume {run_dir} has no config.yaml; give the --out directory of a run")
-    if changed.get("out") is not None and Path(changed["out"]).resolve() != directory.resolve():
-        raise UserError(f"--resume continues the run in {run_dir}; drop --out {changed['out']}")
-    saved = RunConfig.load(directory / "config.yaml").to_dict()
+        raise UserError(f"--resume {directory.shown} does not exist or is not a directory")
+    if not (directory / "config.yaml").exists():
+        raise UserError(f"--resume {directory.shown} has no config.yaml; give the --out directory of a run")
+    if changed.get("out") is not None and not _same_place(changed["out"], run_dir):
+        raise UserError(f"--resume continues the run in {directory.shown}; drop --out {changed['out']}")
+    saved = RunConfig.load(str(directory / "config.yaml")).to_dict()
     config = RunConfig.from_dict({**saved, **changed, "out": str(directory)})
     preflight.check_run(config, options, address)  # this machine may not be the one that started it
     from relay_ray.checkpoint import find_latest
     from relay_ray.experiment import build_experiment
 
     experiment = build_experiment(config)
-    checkpoint, skipped = find_latest(directory, config, experiment.plan)
+    checkpoint, skipped = find_latest(str(directory), config, experiment.plan)
     if skipped:
         print(f"relay-ray: newest checkpoint(s) unusable ({'; '.join(skipped)}); resuming from the previous one, "
               f"step {checkpoint.step}", file=sys.stderr)
     else:
-        print(f"relay-ray: resuming {directory} from step {checkpoint.step}", file=sys.stderr)
+        print(f"relay-ray: resuming {directory.shown} from step {checkpoint.step}", file=sys.stderr)
     return ResolvedRun(config, checkpoint, experiment)
+
+
+def _same_place(a: str, b: str) -> bool:
+    if is_uri(a) or is_uri(b):
+        return Location(a) == Location(b)
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def run(config: RunConfig, options: EngineOptions | None = None, address: str | None = None, progress: bool = True,
