@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from relay_ray.algorithms import ALGORITHMS, FILL_RULES, TREE_ALGORITHMS
+from relay_ray.algorithms import ALGORITHMS, COMPRESSING_ALGORITHMS, FILL_RULES, TREE_ALGORITHMS
+from relay_ray.compression import parse_compression
 from relay_ray.errors import UserError
 from relay_ray.files import write_atomic
 from relay_ray.loggers import parse_loggers
@@ -151,6 +152,12 @@ class RunConfig:
                               "(the authors' robustness rule); last = the last message received on that edge. "
                               f"auto = x0 on reliable links, {DROP_FILL} with --drop-prob > 0 (measured best in "
                               "benchmarks/drops.py) (default: auto)", choices=RELAY_FILLS)
+    compression: str | None = setting(None, "compress messages (DESIGN: compressed communication): topk:F, randk:F "
+                                      "(fraction F of coordinates), sign (1 bit each + a scale) or qsgd:S (S levels); "
+                                      f"for {', '.join(COMPRESSING_ALGORITHMS)}: CHOCO and relays with error "
+                                      "feedback, all-reduce EF-SGD (topk, sign) or unbiased QSGD (randk, qsgd) "
+                                      "(default: none)", metavar="SPEC")
+    consensus_lr: float = setting(0.5, "choco: the consensus step size gamma (default: 0.5)", metavar="GAMMA")
     backend: str = setting("ray", f"{' or '.join(BACKENDS)}: Ray actors, or all workers in this process "
                            "(default: ray)", metavar="B", resumable=True)
     # outputs: where the run writes and how often it checkpoints (a resume may change them)
@@ -277,6 +284,15 @@ class RunConfig:
     def _validate_resolved(self) -> None:
         if self.dataset == "quadratics" and self.model != "linear":
             raise UserError("the quadratics task has its own linear model; drop --model")
+        if self.compression is not None:
+            parse_compression(self.compression)
+            if self.algorithm not in COMPRESSING_ALGORITHMS:
+                raise UserError(f"--compression applies to {', '.join(COMPRESSING_ALGORITHMS)}, not --algorithm "
+                                f"{self.algorithm}")
+            if self.tensor_kind == "torch":
+                raise UserError("--compression runs on host (numpy) state; use --tensors numpy")
+        if not 0 < self.consensus_lr <= 1:
+            raise UserError(f"--consensus-lr must be in (0, 1], got {self.consensus_lr}")
 
     # ------------------------------------------------------------------ derived
     @property

@@ -55,6 +55,9 @@ def check_run(config: RunConfig, options: EngineOptions | None = None, address: 
     if config.loggers and not config.out:
         raise UserError("--logger needs an output directory (out): the tracker's run id is kept there")
     check_installed(config.loggers)
+    if config.compression and options is not None and options.on_failure != "restart":
+        raise UserError(f"--on-failure {options.on_failure} re-forms the graph, which would need fresh compression "
+                        "copies on both ends of every new edge; with --compression use --on-failure restart")
     if config.backend == "local" and options is not None and options.straggle:
         raise UserError("--straggle delays Ray actors; it needs --backend ray")
     address = address or os.environ.get("RAY_ADDRESS")

@@ -15,6 +15,7 @@ from relay_ray import checkpoint, tensors
 from relay_ray.algorithms import make_algorithm
 from relay_ray.data import ArrayDataset
 from relay_ray.experiment import WorkerSpec
+from relay_ray.links import Links, message_dropped
 from relay_ray.optim import learning_rate
 from relay_ray.problems import ClassificationProblem, QuadraticsProblem, batched_loss_and_grad, can_batch
 from relay_ray.quadratics import QuadraticsTask
@@ -28,20 +29,6 @@ def make_problem(spec: WorkerSpec, task_data: ArrayDataset | QuadraticsTask):
                                  config.eval_samples, config.device)
 
 
-_DROP_SALT = 0x64726F70  # "drop": keeps the drop stream apart from every other seeded stream
-
-
-def message_dropped(seed: int, step: int, sender: int, receiver: int, drop_prob: float) -> bool:
-    """Whether the message ``sender -> receiver`` of ``step`` is lost (--drop-prob).
-
-    A pure function of (seed, step, edge): the simulator and the Ray engine drop exactly the same
-    messages, independent of timing, and a resumed run drops what the uninterrupted one did.
-    """
-    if drop_prob <= 0:
-        return False
-    return bool(np.random.default_rng((_DROP_SALT, seed, step, sender, receiver)).random() < drop_prob)
-
-
 class Worker:
     def __init__(self, spec: WorkerSpec, task_data: ArrayDataset | QuadraticsTask, num_threads: int | None = None):
         if num_threads:
@@ -52,7 +39,10 @@ class Worker:
         self.problem = make_problem(spec, task_data)
         x0 = tensors.as_state(self.problem.initial_params(), self.config.tensor_kind, self.config.device)
         self.algorithm = make_algorithm(self.config.algorithm, spec.rank, spec.plan, x0,
-                                        self.config.momentum, self.config.weight_decay, self.config.fill_rule)
+                                        self.config.momentum, self.config.weight_decay, self.config.fill_rule,
+                                        compression=self.config.compression,
+                                        links=Links(self.config.seed, self.config.drop_prob),
+                                        consensus_lr=self.config.consensus_lr)
         self.step_count = 0
         self.bytes_sent = 0
         self.samples_seen = 0
@@ -91,6 +81,7 @@ class Worker:
         config = self.config
         lr = self.spec.lr_scale * learning_rate(self.step_count, config.lr, self.spec.total_steps,
                                                 self.spec.warmup_steps, tuple(config.decay_at))
+        self.algorithm.step = self.step_count  # the step these messages belong to (per-edge streams, drops)
         self.algorithm.local_step(grad, lr)
         messages = self.algorithm.outgoing()
         self.losses.append(loss)  # a tensor on the device with torch state: read at the next evaluation

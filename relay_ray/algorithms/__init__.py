@@ -7,15 +7,19 @@ import numpy as np
 
 from relay_ray import tensors
 from relay_ray.algorithms.base import Algorithm, CommPlan
-from relay_ray.algorithms.gossip import D2, DSGD, AllReduce, DSGDQuasiGlobalMomentum, GradientTracking
+from relay_ray.algorithms.gossip import D2, DSGD, AllReduce, Choco, DSGDQuasiGlobalMomentum, GradientTracking
 from relay_ray.algorithms.relaysum import FILL_RULES, RelaySGD, RelaySumChannel, RelaySumGrad
+from relay_ray.compression import parse_compression
 from relay_ray.errors import UserError
+from relay_ray.links import Links
 from relay_ray.optim import NesterovSGD
 from relay_ray.topology import metropolis_hastings_weights
 
 _REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (RelaySGD, RelaySumGrad, AllReduce, DSGD, DSGDQuasiGlobalMomentum, D2, GradientTracking)
+    cls.name: cls for cls in (RelaySGD, RelaySumGrad, AllReduce, DSGD, DSGDQuasiGlobalMomentum, D2, GradientTracking,
+                              Choco)
 }
+COMPRESSING_ALGORITHMS = tuple(name for name, cls in _REGISTRY.items() if cls.compresses)
 ALGORITHMS = tuple(_REGISTRY)
 TREE_ALGORITHMS = tuple(name for name, cls in _REGISTRY.items() if cls.uses_trees)
 
@@ -38,16 +42,28 @@ def build_plan(name: str, graph: nx.Graph, trees: list[nx.Graph]) -> CommPlan:
 
 
 def make_algorithm(name: str, rank: int, plan: CommPlan, x0, momentum: float,
-                   weight_decay: float, relay_fill: str | None = None) -> Algorithm:
+                   weight_decay: float, relay_fill: str | None = None, compression: str | None = None,
+                   links: Links | None = None, consensus_lr: float | None = None) -> Algorithm:
     """``relay_fill``: RelaySGD's fill rule (``FILL_RULES``; None = x0); other algorithms take none.
+    ``compression``: a ``--compression`` spec (algorithms with ``compresses``); ``links``: the seed
+    and loss rate the per-edge compression state follows; ``consensus_lr``: CHOCO's γ.
 
     The state lives in ``x0``'s kind: numpy on the host, or torch on ``x0``'s device."""
     optimizer = NesterovSGD(int(x0.shape[0]), momentum=momentum, weight_decay=weight_decay,
                             like=x0 if tensors.is_torch(x0) else None)
     if relay_fill is not None:
-        return algorithm_class(name)(rank, plan, x0, optimizer, fill=relay_fill)
-    return algorithm_class(name)(rank, plan, x0, optimizer)
+        algorithm = algorithm_class(name)(rank, plan, x0, optimizer, fill=relay_fill)
+    else:
+        algorithm = algorithm_class(name)(rank, plan, x0, optimizer)
+    algorithm.compressor = parse_compression(compression)
+    if algorithm.compressor is not None and not algorithm.compresses:
+        raise UserError(f"--compression applies to {', '.join(COMPRESSING_ALGORITHMS)}, not {name}")
+    if links is not None:
+        algorithm.links = links
+    if consensus_lr is not None:
+        algorithm.consensus_lr = consensus_lr
+    return algorithm
 
 
-__all__ = ["ALGORITHMS", "FILL_RULES", "TREE_ALGORITHMS", "Algorithm", "CommPlan", "RelaySumChannel", "algorithm_class",
+__all__ = ["ALGORITHMS", "COMPRESSING_ALGORITHMS", "FILL_RULES", "TREE_ALGORITHMS", "Algorithm", "CommPlan", "RelaySumChannel", "algorithm_class",
            "build_plan", "make_algorithm"]

@@ -15,6 +15,7 @@ import networkx as nx
 import numpy as np
 
 from relay_ray import tensors
+from relay_ray.links import Links
 from relay_ray.optim import NesterovSGD
 from relay_ray.tensors import Array
 
@@ -65,10 +66,18 @@ class CommPlan:
 
 
 class Algorithm:
-    """Base class: holds the model x_i, the local optimizer and the message plumbing."""
+    """Base class: holds the model x_i, the local optimizer and the message plumbing.
+
+    ``compressor`` / ``links`` / ``step``: what algorithms with compressed messages use (set by
+    ``make_algorithm`` and, before each step's messages, by the worker): the compressor, the seed and
+    loss rate of the links (a sender's per-edge state follows what is delivered), and the step."""
 
     name = "base"
     uses_trees = False
+    compresses = False  # takes --compression
+    compressor = None
+    links = Links()
+    step = 0
 
     def __init__(self, rank: int, plan: CommPlan, x0: Array, optimizer: NesterovSGD):
         self.rank = rank

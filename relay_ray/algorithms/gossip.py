@@ -6,6 +6,7 @@ import numpy as np
 
 from relay_ray import tensors
 from relay_ray.algorithms.base import Algorithm
+from relay_ray.compression import Differential, edge_rng
 from relay_ray.tensors import Array
 
 
@@ -51,9 +52,57 @@ class DSGD(GossipAlgorithm):
 
 
 class AllReduce(DSGD):
-    """Exact averaging x^{t+1} = mean_i (x_i^t + u_i^t): D-SGD on the complete graph with W = 1/n."""
+    """Exact averaging x^{t+1} = mean_i (x_i^t + u_i^t): D-SGD on the complete graph with W = 1/n.
+
+    With ``--compression`` the workers average compressed *updates* instead, x^{t+1} = x^t + mean_i q_i:
+    with a biased compressor (topk, sign) as EF-SGD (Stich et al. 2018, arXiv:1809.07599; Karimireddy
+    et al. 2019, arXiv:1901.09847: q_i = C(u_i + e_i), e_i <- u_i + e_i − q_i), with an unbiased one
+    (randk, qsgd) as QSGD without memory (q_i = Q(u_i), unbiased) — the pair compared by Koloskova
+    et al. (arXiv:2009.02388).  Every worker sends the same q_i to all (one draw per sender and step);
+    the models stay identical while no message is lost.
+    """
 
     name = "allreduce"
+    compresses = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error = None  # EF-SGD's memory, created when a biased compressor is set
+
+    @property
+    def error_feedback(self) -> bool:
+        return self.compressor is not None and not self.compressor.unbiased
+
+    def outgoing(self) -> list[Array]:
+        if self.compressor is None:
+            return super().outgoing()
+        update = tensors.to_host(self.update)
+        if self.error_feedback:
+            if self.error is None:
+                self.error = np.zeros_like(update)
+            update = update + self.error
+        rng = edge_rng(self.links.seed, self.step, self.rank, self.rank)  # one draw for all receivers
+        message, self.sent_update = self.compressor.roundtrip(update, rng)
+        if self.error_feedback:
+            self.error = update - self.sent_update
+        return [message] * len(self.neighbors)
+
+    def incoming(self, inbox: list[Array | None]) -> None:
+        if self.compressor is None:
+            return super().incoming(inbox)
+        received = [self.compressor.decode(m, self.num_params) for m in inbox if m is not None]
+        total = self.sent_update + sum(received) if received else self.sent_update
+        self.params = tensors.float32(self.params + total / (1 + len(received)))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.error is not None:
+            state["error"] = np.array(self.error)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.error = np.array(state["error"], dtype=np.float32) if "error" in state else None
 
 
 class DSGDQuasiGlobalMomentum(GossipAlgorithm):
@@ -137,3 +186,54 @@ class GradientTracking(GossipAlgorithm):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.correction = tensors.clone(tensors.like(state["correction"], self.params))
+
+
+class Choco(GossipAlgorithm):
+    """CHOCO-SGD (Koloskova, Stich & Jaggi 2019, arXiv:1902.00340, Algorithm 2) on the gossip graph:
+
+        x_i^{t+1/2} = x_i^t + u_i^t
+        q_i = C(x_i^{t+1/2} − x̂_i),   x̂_j += q_j  for j in N(i) ∪ {i}  (every neighbour keeps x̂_i)
+        x_i^{t+1} = x_i^{t+1/2} + γ Σ_j w_ij (x̂_j − x̂_i)
+
+    with γ = ``--consensus-lr`` and C the contractive view of ``--compression`` (exact differences
+    without one: then γ = 1 is D-SGD).  The public copies start at the common x⁰ (the paper: 0; any
+    value both ends share works, and x⁰ makes the first differences small).  Kept per directed edge
+    (``Differential``): without losses all of i's copies are equal, as in the paper; a lost message
+    leaves both ends of its edge unchanged.
+    """
+
+    name = "choco"
+    compresses = True
+    consensus_lr = 0.5
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        start = tensors.to_host(self.params)
+        self.sent = {j: Differential(start) for j in self.neighbors}   # x̂_i as neighbour j holds it
+        self.heard = {j: Differential(start) for j in self.neighbors}  # x̂_j
+
+    def outgoing(self) -> list[Array]:
+        half = tensors.to_host(self.half)
+        compressor = self.compressor.contractive(self.num_params) if self.compressor else None
+        return [self.sent[j].send(half, compressor, edge_rng(self.links.seed, self.step, self.rank, j),
+                                  delivered=not self.links.dropped(self.step, self.rank, j))
+                for j in self.neighbors]
+
+    def incoming(self, inbox: list[Array | None]) -> None:
+        compressor = self.compressor.contractive(self.num_params) if self.compressor else None
+        weights = self.plan.gossip_weights
+        drift = np.zeros(self.num_params, np.float64)
+        for j, message in zip(self.neighbors, inbox):
+            heard = self.heard[j].receive(message, compressor)
+            drift += weights[self.rank, j] * (heard.astype(np.float64) - self.sent[j].copy)
+        self.params = tensors.float32(tensors.to_host(self.half) + np.float32(self.consensus_lr) * drift)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "sent": {str(j): d.copy for j, d in self.sent.items()},
+                "heard": {str(j): d.copy for j, d in self.heard.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for name, copies in (("sent", self.sent), ("heard", self.heard)):
+            for j in copies:
+                copies[j].copy = np.array(state[name][str(j)], dtype=np.float32)

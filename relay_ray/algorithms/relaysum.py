@@ -7,6 +7,7 @@ import numpy as np
 
 from relay_ray import tensors
 from relay_ray.algorithms.base import Algorithm, CommPlan
+from relay_ray.compression import Differential, edge_rng
 from relay_ray.optim import NesterovSGD
 from relay_ray.tensors import Array
 
@@ -65,15 +66,26 @@ class _RelayAlgorithm(Algorithm):
 
     The message to neighbour j packs, for every tree in which j is a neighbour, the relayed
     sum of that tree's coordinates followed by its count (exact in float32 for counts < 2^24).
+
+    With ``--compression`` each relayed sum travels as a compressed difference with error feedback
+    (``Differential``: sender and receiver of edge i→j both keep m̂_{i→j}; the sender sends
+    C(m_{i→j} − b − m̂_{i→j}) and both add what it decodes to), and the receiver relays and averages
+    with m̂_{i→j} + b.  ``b`` = count · x⁰ for RelaySGD (what a sum of ``count`` models is before
+    training moves them, known to both ends), 0 for RelaySum/Grad.  What stays exact: the counts
+    (sent uncompressed), so every model is still weighted once; what is approximate: each relayed sum,
+    off by the compression error not yet fed back (it shrinks as consecutive sums change little).
     """
 
     uses_trees = True
+    compresses = True
 
     def __init__(self, rank: int, plan: CommPlan, x0: Array, optimizer: NesterovSGD):
         super().__init__(rank, plan, x0, optimizer)
         self.num_trees = len(plan.tree_neighbors)
         self.channels = [RelaySumChannel(rank, tree[rank]) for tree in plan.tree_neighbors]
         self.x0 = tensors.clone(tensors.float32(x0))
+        self.sent_hat: dict[tuple[int, int], Differential] = {}   # (tree, j): m̂_{i->j}
+        self.heard_hat: dict[tuple[int, int], Differential] = {}  # (tree, j): m̂_{j->i}
 
     def _slice(self, tree: int) -> slice:
         return slice(tree, None, self.num_trees)
@@ -81,15 +93,35 @@ class _RelayAlgorithm(Algorithm):
     def _payload(self) -> Array:
         raise NotImplementedError
 
+    def _baseline(self, tree: int, count) -> Array | float:
+        """What a relayed sum of ``count`` payloads is known to be near, on both ends (see the class)."""
+        return 0.0
+
+    def _size(self, tree: int) -> int:
+        return len(range(*self._slice(tree).indices(self.num_params)))
+
+    def _compressor(self, tree: int):
+        return self.compressor.contractive(self._size(tree))
+
+    def _differential(self, copies: dict, tree: int, j: int) -> Differential:
+        if (tree, j) not in copies:
+            copies[(tree, j)] = Differential(np.zeros(self._size(tree), np.float32))
+        return copies[(tree, j)]
+
     def outgoing(self) -> list[Array]:
         payload = self._payload()
         per_tree = [ch.outgoing(payload[self._slice(t)]) for t, ch in enumerate(self.channels)]
         messages = []
         for j in self.neighbors:
             parts = []
+            delivered = not self.links.dropped(self.step, self.rank, j)
             for t, ch in enumerate(self.channels):
                 if j in ch.neighbors:
                     relay_sum, relay_count = per_tree[t][j]
+                    if self.compressor is not None:
+                        relay_sum = self._differential(self.sent_hat, t, j).send(
+                            relay_sum - self._baseline(t, relay_count), self._compressor(t),
+                            edge_rng(self.links.seed, self.step, self.rank, j, t), delivered)
                     parts += [relay_sum, tensors.count_entry(relay_count, relay_sum)]
             messages.append(tensors.float32(tensors.concat(parts)))
         return messages
@@ -101,9 +133,16 @@ class _RelayAlgorithm(Algorithm):
             for t, ch in enumerate(self.channels):
                 if j not in ch.neighbors:
                     continue
-                size = len(range(*self._slice(t).indices(self.num_params)))
+                size = self._size(t)
+                if self.compressor is not None:
+                    size = self._compressor(t).encoded_floats(size)
                 if message is None:
                     per_tree[t][j] = None
+                elif self.compressor is not None:
+                    count = tensors.count_at(message, offset + size)
+                    m_hat = self._differential(self.heard_hat, t, j).receive(message[offset:offset + size],
+                                                                             self._compressor(t))
+                    per_tree[t][j] = (m_hat + self._baseline(t, count), count)
                 else:
                     per_tree[t][j] = (message[offset:offset + size], tensors.count_at(message, offset + size))
                 offset += size + 1
@@ -120,12 +159,20 @@ class _RelayAlgorithm(Algorithm):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["channels"] = [ch.state_dict() for ch in self.channels]
+        if self.sent_hat or self.heard_hat:
+            state["compressed"] = {f"{side}:{t}:{j}": d.copy for side, copies in
+                                   (("sent", self.sent_hat), ("heard", self.heard_hat)) for (t, j), d in copies.items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         for ch, ch_state in zip(self.channels, state["channels"]):
             ch.load_state_dict(ch_state, self.params)
+        self.sent_hat, self.heard_hat = {}, {}
+        for key, copy in state.get("compressed", {}).items():
+            side, t, j = key.split(":")
+            target = self.sent_hat if side == "sent" else self.heard_hat
+            target[(int(t), int(j))] = Differential(copy)
 
 
 FILL_RULES = ("x0", "current", "last")
@@ -150,6 +197,9 @@ class RelaySGD(_RelayAlgorithm):
 
     def _payload(self) -> Array:
         return self.half
+
+    def _baseline(self, tree: int, count) -> Array:
+        return np.float32(count) * self.x0[self._slice(tree)]
 
     def incoming(self, inbox: list[Array | None]) -> None:
         params = tensors.empty_like(self.params)
