@@ -109,6 +109,24 @@ def test_ray_with_torch_state_equals_local_with_numpy_state(ray_local, algorithm
     _assert_same_rows(ray_rows, _local_rows(RunConfig(**{**config.to_dict(), "tensors": "numpy"}), tmp_path))
 
 
+COMPRESSED_CASES = [("relaysgd", dict(tree="double-binary"), "topk:0.1"), ("relaysum-grad", dict(tree="chain"), "sign"),
+                    ("choco", dict(topology="ring"), "randk:0.2"), ("allreduce", {}, "qsgd:8")]
+
+
+@pytest.mark.parametrize("algorithm,layout,spec", COMPRESSED_CASES, ids=[f"{a}-{c}" for a, _, c in COMPRESSED_CASES])
+def test_ray_with_compression_equals_local(ray_local, algorithm, layout, spec, tmp_path):
+    """Encoded messages cross the actors like any other (under drops, with the per-edge copies)."""
+    config = _config(algorithm, layout, compression=spec, drop_prob=0.1)
+    engine = _engine(config, 3)
+    try:
+        ray_rows = _ray_rows(engine, config, tmp_path)
+    finally:
+        engine.shutdown()
+    local_rows = _local_rows(config, tmp_path)
+    _assert_same_rows(ray_rows, local_rows)
+    assert ray_rows[-1]["bytes_sent_per_worker"] == local_rows[-1]["bytes_sent_per_worker"]
+
+
 RDT_CASES = [("relaysgd", dict(tree="double-binary"), "numpy"), ("dsgd", dict(topology="ring"), "torch")]
 
 

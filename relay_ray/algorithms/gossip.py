@@ -90,9 +90,13 @@ class AllReduce(DSGD):
     def incoming(self, inbox: list[Array | None]) -> None:
         if self.compressor is None:
             return super().incoming(inbox)
-        received = [self.compressor.decode(m, self.num_params) for m in inbox if m is not None]
-        total = self.sent_update + sum(received) if received else self.sent_update
-        self.params = tensors.float32(self.params + total / (1 + len(received)))
+        updates = {self.rank: self.sent_update}
+        updates.update((j, self.compressor.decode(m, self.num_params)) for j, m in zip(self.neighbors, inbox)
+                       if m is not None)
+        total = np.zeros(self.num_params, np.float32)
+        for j in sorted(updates):  # in rank order: every worker adds the same numbers in the same order
+            total += updates[j]
+        self.params = tensors.float32(self.params + total / np.float32(len(updates)))
 
     def state_dict(self) -> dict:
         state = super().state_dict()
