@@ -141,7 +141,11 @@ class TensorBoardLog:
                 writer.add_scalar(f"relay_ray/{key}", value, step)
         per_worker = np.asarray(row.get("metric_per_worker") or [], dtype=float)
         if per_worker.size and np.isfinite(per_worker).all():
-            writer.add_histogram("relay_ray/metric_per_worker", per_worker, step)
+            try:
+                with np.errstate(over="ignore"):
+                    writer.add_histogram("relay_ray/metric_per_worker", per_worker, step)
+            except ValueError:  # TensorBoard cannot bin huge values (a diverging run); the scalars keep them
+                pass
         writer.flush()
 
     def rewind(self, step: int) -> None:

@@ -53,3 +53,16 @@ def test_a_run_that_goes_back_to_a_checkpoint_shows_each_step_once(tmp_path):
     recorder.events.close()
     scalars = _events(tmp_path / "tensorboard").Scalars("relay_ray/train_loss")
     assert [(e.step, e.value) for e in scalars] == [(2, 2.0), (4, 40.0), (6, 60.0)]
+
+
+def test_a_diverging_run_keeps_its_scalars_where_tensorboard_cannot_bin_them(tmp_path):
+    # a diverging quadratics run reaches per-worker suboptimality ~1e32: TensorBoard's histogram
+    # raises on such values; the run must go on and keep them as scalars
+    config = RunConfig(dataset="quadratics", num_workers=2, steps=2, backend="local", out=str(tmp_path))
+    recorder = RunRecorder(tmp_path, config)
+    recorder.record({"step": 1, "train_loss": 3e30, "metric_per_worker": [1e31, 5e32]})
+    recorder.record({"step": 2, "train_loss": 1.0, "metric_per_worker": [1.0, 2.0]})
+    recorder.events.close()
+    events = _events(tmp_path / "tensorboard")
+    assert [(e.step, e.value) for e in events.Scalars("relay_ray/train_loss")] == [(1, pytest.approx(3e30)), (2, 1.0)]
+    assert [h.step for h in events.Histograms("relay_ray/metric_per_worker")] == [2]
