@@ -119,7 +119,7 @@ def _run(settings: dict, threads: int) -> dict:
     final, averaged = summary["final"], summary["final_evals"]  # averaged: the paper's metric (--final-evals)
     return {"test_acc_worst": averaged["test_acc_worst"], "test_acc_mean": averaged["test_acc_mean"],
             "test_acc_avg_model": final["test_acc_avg_model"], "consensus_distance": final["consensus_distance"],
-            "steps": summary["steps"], "wall_s": time.perf_counter() - started}
+            "bytes_sent_per_worker": final.get("bytes_sent_per_worker"), "steps": summary["steps"], "wall_s": time.perf_counter() - started}
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, out: str) -> None:
