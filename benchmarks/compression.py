@@ -2,11 +2,12 @@
 
 Two parts, both in-process (the simulator; the Ray engine compresses identically and is tested to match):
 
-1. Quadratics (exact, seconds): 16 workers, full gradients, zeta^2 = 100, lr 0.1.
-   - RelaySGD uncompressed vs per-edge differential compression with error feedback (topk:0.1, sign,
-     qsgd:4): the bytes each worker sent until the averaged model's suboptimality first fell below
-     1e-6 x its start, and where each run ends.
-   - D-SGD on the ring (its floor: the suboptimality it stalls at) vs CHOCO-SGD on the same ring with
+1. Quadratics (exact, seconds): 16 workers, full gradients, lr 0.1.
+   - zeta^2 in {0, 100}: RelaySGD uncompressed vs per-edge differential compression with error
+     feedback (topk:0.1, sign, qsgd:4), and all-reduce uncompressed vs EF-SGD (topk:0.1, sign) and
+     unbiased QSGD (qsgd:4): the bytes each worker sent until the averaged model's suboptimality first
+     fell below 1e-6 x its start, and where each run ends.
+   - zeta^2 = 100: D-SGD on the ring (its floor: the suboptimality it stalls at) vs CHOCO-SGD on the same ring with
      topk:0.1 / sign / qsgd:4 over a grid of consensus step sizes gamma: bytes to come within 10 % of
      D-SGD's floor.
 2. Digits (real training; the `relay-ray run --dataset digits` defaults, 90 steps), 16 workers,
@@ -73,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="benchmarks", help="folder for compression.png and RESULTS.md")
-    parser.add_argument("--steps", type=int, default=3000, help="quadratics: RelaySGD steps")
+    parser.add_argument("--steps", type=int, default=3000, help="quadratics: RelaySGD and all-reduce steps")
+    parser.add_argument("--heterogeneity", type=float, nargs="+", default=[0.0, 100.0],
+                        help="quadratics: zeta^2 values for RelaySGD and all-reduce")
     parser.add_argument("--choco-steps", type=int, default=2000, help="quadratics: D-SGD / CHOCO steps")
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9, 1.0],
                         help="CHOCO consensus step sizes tried on quadratics")
@@ -83,11 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------- quadratics
-def quadratics_run(settings: dict, steps: int) -> list[dict]:
+def quadratics_run(settings: dict, steps: int, heterogeneity: float = 100.0) -> list[dict]:
     """The run's evaluations; one that diverges (the run stops with ``Diverged``) ends with a row of
     infinite suboptimality."""
     with tempfile.TemporaryDirectory() as tmp:
-        config = RunConfig(dataset="quadratics", heterogeneity=100.0, num_workers=16, backend="local",
+        config = RunConfig(dataset="quadratics", heterogeneity=heterogeneity, num_workers=16, backend="local",
                            steps=steps, eval_every=5, seed=0, out=tmp, **settings)
         try:
             simulate(config, progress=False)
@@ -108,22 +111,42 @@ def bytes_to(rows: list[dict], level: float, initial: float) -> float | None:
     return None
 
 
-def quadratics(args) -> tuple[list[str], dict]:
-    initial = make_quadratics(16, 100.0, 0).suboptimality(np.zeros(10))
-    curves = {"relay": {}, "gossip": {}}
-    lines = ["| RelaySGD | final (F − F*)/(F⁰ − F*) | bytes / worker to 1e-6 | × uncompressed |", "|---|---|---|---|"]
-    baseline = None
-    for compression in [None, *QUAD_COMPRESSIONS]:
-        rows = quadratics_run(dict(algorithm="relaysgd", compression=compression), args.steps)
-        label = f"RelaySGD {compression} (EF)" if compression else "RelaySGD"
-        curves["relay"][label] = rows
-        spent = bytes_to(rows, TARGET, initial)
-        baseline = spent if compression is None else baseline
-        ratio = f"{spent / baseline:.2f}" if spent and baseline else "—"
-        lines.append(f"| {label} | {rows[-1]['suboptimality'] / initial:.1e} | "
-                     f"{f'{spent:,.0f}' if spent else 'not reached'} | {ratio} |")
-        print(f"quadratics {label}: {spent} bytes to {TARGET:g}", file=sys.stderr, flush=True)
+def exact_methods(args) -> tuple[list[str], dict]:
+    """RelaySGD and all-reduce, uncompressed and compressed, for every zeta^2: where each ends and
+    the bytes it sent to reach TARGET (relative to its uncompressed run)."""
+    runs = {"RelaySGD": dict(algorithm="relaysgd")}
+    runs.update({f"RelaySGD {c} (EF)": dict(algorithm="relaysgd", compression=c) for c in QUAD_COMPRESSIONS})
+    runs["all-reduce"] = dict(algorithm="allreduce")
+    runs.update({f"all-reduce {c} ({'unbiased' if c.startswith('qsgd') else 'EF'})": dict(algorithm="allreduce", compression=c)
+                 for c in QUAD_COMPRESSIONS})
+    header = "| run | " + " | ".join(f"ζ² = {z:g}: final | bytes to {TARGET:g} | × uncompressed"
+                                     for z in args.heterogeneity) + " |"
+    lines = [header, "|---|" + "---|---|---|" * len(args.heterogeneity)]
+    cells: dict = {label: [] for label in runs}
+    curves: dict = {}
+    for zeta in args.heterogeneity:
+        initial = make_quadratics(16, zeta, 0).suboptimality(np.zeros(10))
+        baseline: dict = {}
+        for label, settings in runs.items():
+            rows = quadratics_run(settings, args.steps, zeta)
+            if zeta == 100.0:
+                curves[label] = rows
+            final = rows[-1]["suboptimality"] / initial
+            spent = bytes_to(rows, TARGET, initial)
+            baseline.setdefault(settings["algorithm"], spent)
+            reference = baseline[settings["algorithm"]]
+            cells[label] += [f"{final:.1e}" if final < 1 else "diverged", f"{spent:,.0f}" if spent else "not reached",
+                             f"{spent / reference:.2f}" if spent and reference else "—"]
+            print(f"quadratics zeta^2={zeta:g} {label}: final {final:.2e}, {spent} bytes to {TARGET:g}",
+                  file=sys.stderr, flush=True)
+    lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in cells.items()]
+    return lines, curves
 
+
+def quadratics(args) -> tuple[list[str], dict]:
+    lines, relay_curves = exact_methods(args)
+    initial = make_quadratics(16, 100.0, 0).suboptimality(np.zeros(10))
+    curves = {"relay": relay_curves, "gossip": {}}
     dsgd = quadratics_run(dict(algorithm="dsgd", topology="ring"), args.choco_steps)
     floor = dsgd[-1]["suboptimality"] / initial
     level = FLOOR_SLACK * floor
@@ -196,7 +219,7 @@ def plot(quad: dict, frame: pd.DataFrame, rows: dict, path: Path, command: str) 
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     relay_ax.axhline(TARGET, color="grey", linestyle=":", linewidth=1)
-    relay_ax.set_title("Quadratics ζ² = 100: RelaySGD, per-edge EF compression")
+    relay_ax.set_title("Quadratics ζ² = 100: RelaySGD and all-reduce, compressed")
     gossip_ax.axhline(quad["floor_level"], color="grey", linestyle=":", linewidth=1)
     gossip_ax.set_title("Quadratics ζ² = 100, ring: D-SGD vs CHOCO (γ reaching the floor)")
     colors = iter(matplotlib.colormaps["tab20"].colors)
@@ -236,8 +259,8 @@ def main(argv=None) -> int:
         f"quadratics {quad_s:.0f} s). Plot: `{png.name}`. Bytes are the encoded messages each worker "
         "sent (values + uint32 indices for topk/randk, 1 bit per coordinate + a scale for sign, one int8 "
         "per coordinate + a norm for qsgd).", "",
-        "### Quadratics, 16 workers, full gradients, ζ² = 100, lr 0.1 (RelaySGD × its lr correction), d = 10 "
-        "(topk:0.1 sends 1 coordinate)", "",
+        "### Quadratics, 16 workers, full gradients, lr 0.1 (RelaySGD × its lr correction), d = 10 "
+        "(topk:0.1 sends 1 coordinate); CHOCO and D-SGD at ζ² = 100", "",
         *quad_lines, "",
         f"### Digits, 16 workers, α = 0.01, 90 steps, seeds {args.seeds} (RelaySGD on its default chain; "
         "CHOCO and D-SGD on the ring)", "",
