@@ -419,6 +419,9 @@ class EngineOptions:
     placement: str = setting("spread", "spread the actors over nodes or pack them (default: spread)",
                              choices=PLACEMENTS)
     window: int = setting(4, "steps the driver may run ahead of the slowest worker (default: 4)")
+    placement_timeout: float | None = setting(
+        None, "seconds to wait for the cluster to place the actors, printing a line every 10 s; an autoscaling "
+        "cluster adds nodes meanwhile (default: 60, or 900 on an autoscaling cluster)", metavar="SECONDS")
     max_restarts: int = setting(3, "when an actor or its node dies, restart all workers from the last checkpoint "
                                 "(or step 0) at most N times, then give up (default: 3)", metavar="N")
 
@@ -458,6 +461,8 @@ class EngineOptions:
                             "would need a new collective group); use --transport object-store")
         if self.window < 1:
             raise UserError(f"--window must be >= 1, got {self.window}")
+        if self.placement_timeout is not None and not 0 < self.placement_timeout < math.inf:
+            raise UserError(f"--placement-timeout must be a positive number of seconds, got {self.placement_timeout}")
         if self.max_restarts < 0:
             raise UserError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         Straggle.parse(self.straggle)  # the spec's syntax, before anything starts

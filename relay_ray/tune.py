@@ -27,6 +27,7 @@ from ray import tune
 from relay_ray.checkpoint import inspect_checkpoint
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.engine import Engine, connect
+from relay_ray.engine.placement import autoscaler_capacity
 from relay_ray.errors import Diverged, UserError
 from relay_ray.experiment import build_experiment
 from relay_ray.loggers import DEFAULT_PROJECT, check_installed
@@ -134,16 +135,6 @@ def _trainable(sweep: Sweep):
     return tune.with_resources(trainable, resources)
 
 
-def _autoscaler_capacity() -> dict | None:
-    """What an autoscaling cluster can grow to (its cluster config), or None for a fixed cluster."""
-    try:
-        from ray._private.state import state
-
-        return state.get_max_resources_from_cluster_config() or None
-    except Exception:  # an internal API: without it, the current cluster is what a trial can get
-        return None
-
-
 def check_resources(sweep: Sweep) -> None:
     """Fail before the sweep starts if its largest trial cannot fit in the cluster (Tune would wait forever).
 
@@ -152,7 +143,7 @@ def check_resources(sweep: Sweep) -> None:
     total_cpu = sum(r.get("CPU", 0.0) for r in nodes)
     total_gpu = sum(r.get("GPU", 0.0) for r in nodes)
     largest_cpu = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
-    capacity = _autoscaler_capacity()
+    capacity = autoscaler_capacity()
     if capacity is not None:
         total_cpu, total_gpu = max(total_cpu, capacity.get("CPU", 0)), max(total_gpu, capacity.get("GPU", 0))
         largest_cpu = math.inf  # node types are the autoscaler's business

@@ -32,3 +32,29 @@ def test_unknown_yaml_key_is_a_user_error(tmp_path):
     (tmp_path / "c.yaml").write_text("algorithm: relaysgd\nlearning_rate: 0.1\n")
     with pytest.raises(UserError, match="unknown run setting\\(s\\): learning_rate"):
         RunConfig.load(tmp_path / "c.yaml")
+
+
+def test_placement_plan_waits_only_for_a_cluster_that_can_grow():
+    from relay_ray.config import EngineOptions
+    from relay_ray.engine.placement import AUTOSCALING_PLACEMENT_TIMEOUT_S, PLACEMENT_TIMEOUT_S, plan
+
+    head_only = [{"CPU": 0.0}]
+    explicit = dict(workers_per_actor=4, cpus_per_actor=4)
+    # a fixed cluster that holds the run: the default wait
+    shape, timeout = plan(16, EngineOptions(**explicit), "cpu", [{"CPU": 16.0}], None)
+    assert (shape.num_actors, timeout) == (4, PLACEMENT_TIMEOUT_S)
+    # an autoscaler that publishes its capacity: checked against it, waited for 900 s
+    shape, timeout = plan(16, EngineOptions(**explicit), "cpu", head_only, {"CPU": 16})
+    assert (shape.num_actors, shape.cpus, timeout) == (4, 4.0, AUTOSCALING_PLACEMENT_TIMEOUT_S)
+    with pytest.raises(UserError, match="but the cluster has 8"):
+        plan(16, EngineOptions(**explicit), "cpu", head_only, {"CPU": 8})
+    # one that does not (autoscaler v1): --placement-timeout says it will grow, with an explicit shape
+    with pytest.raises(UserError, match="placement-timeout SECONDS waits for it"):
+        plan(16, EngineOptions(**explicit), "cpu", head_only, None)
+    shape, timeout = plan(16, EngineOptions(**explicit, placement_timeout=300), "cpu", head_only, None)
+    assert (shape.num_actors, timeout) == (4, 300)
+    with pytest.raises(UserError, match="give the actors' shape: --workers-per-actor K --cpus-per-actor C"):
+        plan(16, EngineOptions(placement_timeout=300), "cpu", head_only, None)
+    for bad in (0, -1, float("inf")):
+        with pytest.raises(UserError, match="--placement-timeout must be a positive number of seconds"):
+            EngineOptions(placement_timeout=bad)

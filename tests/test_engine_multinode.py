@@ -129,3 +129,52 @@ def test_cannot_fit_through_the_cli_is_one_line_and_exit_2(ray_three_nodes, caps
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("relay-ray: error: 12 workers x 1 CPU = 12 CPUs"), err
     assert ray.is_initialized()          # the CLI did not shut down the Ray it did not start
+
+
+def test_a_run_waits_for_a_node_that_joins_while_it_waits(ray_three_nodes, tmp_path, capsys, monkeypatch):
+    """What an autoscaler does, by hand: 4 actors x 2 CPUs do not fit the 3 x 2 CPUs alive; with
+    --placement-timeout the run waits, says so, and starts once a fourth node joins."""
+    import threading
+    import time
+
+    from relay_ray.engine import placement
+
+    monkeypatch.setattr(placement, "WAITING_LINE_EVERY_S", 1.0)
+    config = _config("dsgd", dict(topology="ring"), num_workers=8, steps=4, eval_every=4)
+    built = {}
+
+    def start():  # the engine waits in a thread; a node can only be added from the main thread
+        try:
+            built["engine"] = _engine(config, 2, cpus_per_actor=2, placement_timeout=60)
+        except BaseException as error:  # reported by the assertions below, in the main thread
+            built["error"] = error
+        built["waited"] = time.monotonic() - started
+
+    started = time.monotonic()
+    waiting = threading.Thread(target=start)
+    waiting.start()
+    time.sleep(2.5)
+    node = ray_three_nodes.add_node(num_cpus=2, num_gpus=0)
+    try:
+        waiting.join(timeout=90)
+        assert "error" not in built, built.get("error")
+        engine = built["engine"]
+        try:
+            assert engine.shape.num_actors == 4 and len(set(engine.node_ids())) == 4
+            rows = _ray_rows(engine, config, tmp_path)
+        finally:
+            engine.shutdown()
+    finally:
+        ray_three_nodes.remove_node(node)
+    assert built["waited"] >= 2.5
+    lines = [line for line in capsys.readouterr().err.splitlines() if "waiting for the cluster" in line]
+    assert lines and lines[0] == ("relay-ray: waiting for the cluster to place 4 actors x {'CPU': 2}: 1s of 60s "
+                                  "(now 3 nodes, 6 CPUs)"), lines
+    _assert_same_rows(rows, _local_rows(config, tmp_path))
+
+
+def test_without_a_placement_timeout_a_run_that_does_not_fit_fails_at_once_and_says_how_to_wait(ray_three_nodes):
+    config = _config("dsgd", dict(topology="ring"), num_workers=8)
+    with pytest.raises(UserError, match=r"fits only 3; .* \(an autoscaling cluster that will grow: "
+                                        r"--placement-timeout SECONDS waits for it\)$"):
+        _engine(config, 2, cpus_per_actor=2)

@@ -119,10 +119,10 @@ class Engine:
         """Decide the actors' shape and reserve their bundles (a Tune trial brings its own group)."""
         n = self.config.num_workers
         if self.owns_pg:
-            nodes = placement.alive_nodes()
-            self.shape = placement.actor_shape(n, self.options, self.config.device, nodes)
-            placement.check_fits(self.shape, nodes)
-            self.pg = placement.reserve(self.shape, self.options.placement)
+            self.shape, timeout = placement.plan(n, self.options, self.config.device, placement.alive_nodes(),
+                                                 placement.autoscaler_capacity())
+            self.pg = placement.reserve(self.shape, self.options.placement, timeout,
+                                        say=lambda line: print(line, file=sys.stderr, flush=True))
         else:
             self.shape = placement.shape_of_group(self.pg, self.first_bundle, n)
         self.layout = GroupLayout.balanced(self.experiment.plan, self.shape.num_actors)

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from relay_ray.config import WORKERS_PER_ACTOR_AUTO, EngineOptions
 from relay_ray.errors import UserError
 
-PLACEMENT_TIMEOUT_S = 60.0
+PLACEMENT_TIMEOUT_S = 60.0  # default wait on a fixed cluster
+AUTOSCALING_PLACEMENT_TIMEOUT_S = 900.0  # ... and on an autoscaling one, which may be adding nodes
+WAITING_LINE_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def actor_shape(num_workers: int, options: EngineOptions, device: str, nodes: li
     return ActorShape(num_workers, num_actors, cpus, gpus, auto)
 
 
-def check_fits(shape: ActorShape, nodes: list[dict]) -> None:
+def check_fits(shape: ActorShape, nodes: list[dict], autoscaling: bool = False) -> None:
     """A clear error before anything is reserved when the cluster cannot hold the actors."""
     what = (f"{shape.num_workers} workers in {shape.num_actors} actor{'s' * (shape.num_actors > 1)}"
             if shape.num_actors != shape.num_workers else f"{shape.num_workers} workers")
@@ -110,23 +112,79 @@ def check_fits(shape: ActorShape, nodes: list[dict]) -> None:
     if fits < shape.num_actors:
         raise UserError(f"{what} x {shape.cpus:g} CPU = {shape.cpus * shape.num_actors:g} CPUs, but the cluster has "
                         f"{total_cpu:g} (nodes: {node_cpus}) and fits only "
-                        f"{fits}; lower --cpus-per-actor, raise --workers-per-actor or add nodes")
+                        f"{fits}; lower --cpus-per-actor, raise --workers-per-actor or add nodes"
+                        + ("" if autoscaling else " (an autoscaling cluster that will grow: --placement-timeout "
+                                                  "SECONDS waits for it)"))
 
 
-def reserve(shape: ActorShape, strategy: str):
-    """One placement group with a bundle per actor; waits (bounded) for an autoscaler to add nodes."""
+def autoscaler_capacity() -> dict | None:
+    """What an autoscaling cluster can grow to (the sum over its node types' max_workers), or None
+    for a fixed cluster.  Ray has no public call for this; the one internal call lives here."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config() or None
+    except Exception:  # an internal API: without it, the current cluster is what a run can get
+        return None
+
+
+def planning_nodes(nodes: list[dict], capacity: dict | None) -> list[dict]:
+    """The nodes to size and check a run against: those alive, or on an autoscaling cluster whose
+    live nodes do not hold it, what the autoscaler may add (one pool: node types are its business)."""
+    if capacity is None:
+        return nodes
+    grown = {k: max(v, sum(n.get(k, 0.0) for n in nodes)) for k, v in capacity.items()}
+    return [grown] if sum(n.get("CPU", 0.0) for n in nodes) < grown.get("CPU", 0.0) else nodes
+
+
+def plan(num_workers: int, options: EngineOptions, device: str, nodes: list[dict],
+         capacity: dict | None) -> tuple[ActorShape, float]:
+    """The run's actors and how long to wait for their bundles.
+
+    A cluster whose live nodes cannot hold the run fails at once, unless it can grow: an autoscaler
+    that publishes its capacity (autoscaler v2, KubeRay) is checked against that and waited for (900 s
+    by default); with one that does not (the v1 autoscaler), ``--placement-timeout`` says the cluster
+    will grow and how long to wait."""
+    sizing = planning_nodes(nodes, capacity)
+    shape = actor_shape(num_workers, options, device, sizing)
+    timeout = options.placement_timeout or (AUTOSCALING_PLACEMENT_TIMEOUT_S if capacity else PLACEMENT_TIMEOUT_S)
+    if capacity is not None or options.placement_timeout is None or bundles_that_fit(shape.bundle, nodes) >= shape.num_actors:
+        check_fits(shape, sizing, autoscaling=capacity is not None)
+        return shape, timeout
+    if shape.auto or options.cpus_per_actor is None:  # sized to the nodes alive now, which cannot hold it
+        raise UserError(f"the cluster's live nodes ({sum(n.get('CPU', 0.0) for n in nodes):g} CPUs) cannot hold "
+                        f"{num_workers} workers yet; to wait --placement-timeout for it to grow, give the actors' "
+                        "shape: --workers-per-actor K --cpus-per-actor C")
+    return shape, timeout
+
+
+def reserve(shape: ActorShape, strategy: str, timeout_s: float, say=None, every_s: float | None = None):
+    """One placement group with a bundle per actor, waiting up to ``timeout_s`` while an autoscaler
+    adds nodes; ``say`` gets a line every ``every_s`` (default ``WAITING_LINE_EVERY_S``) seconds of waiting."""
     import ray
     from ray.exceptions import GetTimeoutError
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    every_s = every_s or WAITING_LINE_EVERY_S
     pg = placement_group([shape.bundle] * shape.num_actors, strategy=strategy.upper())
-    try:
-        ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-    except GetTimeoutError:
-        remove_placement_group(pg)
-        raise UserError(f"the cluster could not place {shape.num_actors} actors x {shape.bundle} within "
-                        f"{PLACEMENT_TIMEOUT_S:.0f}s; available: {ray.available_resources()}") from None
-    return pg
+    started = time.monotonic()
+    while True:
+        waited = time.monotonic() - started
+        try:
+            ray.get(pg.ready(), timeout=max(0.0, min(every_s, timeout_s - waited)))
+            return pg
+        except GetTimeoutError:
+            waited = time.monotonic() - started
+            nodes = alive_nodes()
+            where = f"{len(nodes)} nodes, {sum(n.get('CPU', 0.0) for n in nodes):g} CPUs"
+            if waited >= timeout_s - 1e-3:
+                remove_placement_group(pg)
+                raise UserError(f"the cluster could not place {shape.num_actors} actors x {shape.bundle} within "
+                                f"{timeout_s:g}s (now {where}); raise --placement-timeout or check the cluster's "
+                                "max_workers") from None
+            if say is not None:
+                say(f"relay-ray: waiting for the cluster to place {shape.num_actors} actors x {shape.bundle}: "
+                    f"{waited:.0f}s of {timeout_s:g}s (now {where})")
 
 
 def shape_of_group(pg, first_bundle: int, num_workers: int) -> ActorShape:
