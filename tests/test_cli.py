@@ -416,13 +416,16 @@ def test_out_in_a_config_file_is_honoured(tmp_path):
 def test_flags_the_run_does_not_use_are_named_once_and_the_run_goes_on(tmp_path, capsys):
     assert cli.main(["run", "--backend", "local", "--dataset", "digits", "--data-dir", str(tmp_path),
                      "--algorithm", "dsgd", "--tree", "chain", "--window", "2", "--heterogeneity", "3",
+                     "--consensus-lr", "0.3", "--placement-timeout", "30",
                      "--workers", "4", "--steps", "4", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("relay-ray: note:")]
     assert notes == [
         "relay-ray: note: --data-dir is not used by --dataset digits (it needs no files) (ignored)",
         "relay-ray: note: --heterogeneity applies to --dataset quadratics only; use --alpha for a data split (ignored)",
         "relay-ray: note: --tree applies to relay algorithms only, not --algorithm dsgd (ignored)",
+        "relay-ray: note: --consensus-lr applies to --algorithm choco only, not --algorithm dsgd (ignored)",
         "relay-ray: note: --window applies to --backend ray only (ignored)",
+        "relay-ray: note: --placement-timeout applies to --backend ray only (ignored)",
     ]
     assert cli.main(["run", "--backend", "local", "--dataset", "quadratics", "--algorithm", "relaysgd", "--tree",
                      "chain", "--workers", "4", "--steps", "4", "--out", str(tmp_path / "q"), "--quiet"]) == 0
