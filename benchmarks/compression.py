@@ -209,7 +209,7 @@ def plot(quad: dict, frame: pd.DataFrame, rows: dict, path: Path, command: str) 
     fig = Figure(figsize=(14, 10))
     grid = fig.add_gridspec(2, 2)
     relay_ax, gossip_ax, digits_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
-    for ax, (kind, curves) in zip((relay_ax, gossip_ax), quad["curves"].items()):
+    for ax, curves in zip((relay_ax, gossip_ax), quad["curves"].values()):
         for label, curve in curves.items():
             x = [row["bytes_sent_per_worker"] / 1e3 for row in curve]
             y = [max(row["suboptimality"] / quad["initial"], 1e-16) for row in curve if math.isfinite(row["suboptimality"])]

@@ -55,13 +55,13 @@ def fake_cluster(tmp_path):
     (short / "auth_token").write_text(secrets.token_hex(32) + "\n")
     (short / "auth_token").chmod(0o600)
     env = _env(short)
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", "6390",
-         "--include-dashboard", "false", "--ray-client-server-port", "6391", "--num-cpus", "0",
-         "--object-store-memory", "300000000", "--temp-dir", str(short / "ray"),
-         "--autoscaling-config", str(ROOT / "cluster" / "fake-autoscale.yaml")],
-        env={**env, "RAY_FAKE_CLUSTER": "1"}, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+    with open(tmp_path / "head.log", "w") as log:  # the child keeps its own copy of the descriptor
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", "6390",
+             "--include-dashboard", "false", "--ray-client-server-port", "6391", "--num-cpus", "0",
+             "--object-store-memory", "300000000", "--temp-dir", str(short / "ray"),
+             "--autoscaling-config", str(ROOT / "cluster" / "fake-autoscale.yaml")],
+            env={**env, "RAY_FAKE_CLUSTER": "1"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _until(lambda: "Active:" in subprocess.run([str(BIN / "ray"), "status", "--address", GCS],
                                                    capture_output=True, text=True, env=env).stdout, 120)

@@ -148,30 +148,29 @@ def plan(num_workers: int, options: EngineOptions, device: str, nodes: list[dict
     sizing = planning_nodes(nodes, capacity)
     shape = actor_shape(num_workers, options, device, sizing)
     timeout = options.placement_timeout or (AUTOSCALING_PLACEMENT_TIMEOUT_S if capacity else PLACEMENT_TIMEOUT_S)
-    if capacity is not None or options.placement_timeout is None or bundles_that_fit(shape.bundle, nodes) >= shape.num_actors:
+    if capacity is not None or options.placement_timeout is None:
         check_fits(shape, sizing, autoscaling=capacity is not None)
-        return shape, timeout
-    if shape.auto or options.cpus_per_actor is None:  # sized to the nodes alive now, which cannot hold it
+    elif (shape.auto or options.cpus_per_actor is None) and bundles_that_fit(shape.bundle, nodes) < shape.num_actors:
+        # auto sizes and default CPUs follow the nodes alive now: a shape for a cluster that is not there yet
         raise UserError(f"the cluster's live nodes ({sum(n.get('CPU', 0.0) for n in nodes):g} CPUs) cannot hold "
                         f"{num_workers} workers yet; to wait --placement-timeout for it to grow, give the actors' "
                         "shape: --workers-per-actor K --cpus-per-actor C")
     return shape, timeout
 
 
-def reserve(shape: ActorShape, strategy: str, timeout_s: float, say=None, every_s: float | None = None):
+def reserve(shape: ActorShape, strategy: str, timeout_s: float, say=None):
     """One placement group with a bundle per actor, waiting up to ``timeout_s`` while an autoscaler
-    adds nodes; ``say`` gets a line every ``every_s`` (default ``WAITING_LINE_EVERY_S``) seconds of waiting."""
+    adds nodes; ``say`` gets a line every ``WAITING_LINE_EVERY_S`` seconds of waiting."""
     import ray
     from ray.exceptions import GetTimeoutError
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    every_s = every_s or WAITING_LINE_EVERY_S
     pg = placement_group([shape.bundle] * shape.num_actors, strategy=strategy.upper())
     started = time.monotonic()
     while True:
         waited = time.monotonic() - started
         try:
-            ray.get(pg.ready(), timeout=max(0.0, min(every_s, timeout_s - waited)))
+            ray.get(pg.ready(), timeout=max(0.0, min(WAITING_LINE_EVERY_S, timeout_s - waited)))
             return pg
         except GetTimeoutError:
             waited = time.monotonic() - started
