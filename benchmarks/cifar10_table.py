@@ -62,14 +62,21 @@ VARIANTS = {
     "D² ring": dict(algorithm="d2", topology="ring", momentum=0.0),
     # not in the paper: the 1-step-delay tree (a hub), the control for the relay delay (relay_delay.py)
     "RelaySGD star": dict(algorithm="relaysgd", topology="star", tree="bfs", momentum=0.0),
+    # not in the paper: the lr-cap variants (benchmarks/lr_cap.py)
+    "RelaySGD double-binary, fill current": dict(algorithm="relaysgd", tree="double-binary", relay_fill="current",
+                                                 momentum=0.0),
+    "RelaySGD binary": dict(algorithm="relaysgd", tree="binary", momentum=0.0),
+    "RelaySGD-QGM double-binary": dict(algorithm="relaysgd-qgm", tree="double-binary", momentum=0.9),
 }
-PAPER_ROWS = [label for label in VARIANTS if label != "RelaySGD star"]
+EXTRA_ROWS = ("RelaySGD star", "RelaySGD double-binary, fill current", "RelaySGD binary", "RelaySGD-QGM double-binary")
+PAPER_ROWS = [label for label in VARIANTS if label not in EXTRA_ROWS]
 # The centre of each variant's first lr grid (centre / 2, centre, 2 x centre): the earlier CPU
 # table's picks.  RelaySGD's lr is multiplied by its tree's correction (--lr-correction auto).
 START_LR = {"all-reduce": 0.2, "all-reduce + momentum": 0.1, "RelaySGD chain": 0.05,
             "RelaySGD chain + momentum": 0.05, "RelaySGD double-binary": 0.1,
             "RelaySGD double-binary + momentum": 0.05, "D-SGD ring": 0.05, "D-SGD + QGM ring": 0.2,
-            "D² ring": 0.1, "RelaySGD star": 0.2}
+            "D² ring": 0.1, "RelaySGD star": 0.2, "RelaySGD double-binary, fill current": 0.1,
+            "RelaySGD binary": 0.1, "RelaySGD-QGM double-binary": 0.05}
 WARMUP_FRACTION = 5 / 200  # the paper: 5 of 200 epochs
 DECAY_AT = [0.75, 0.9]  # the paper: epochs 150 and 180 of 200
 # DESIGN §7: VGG-11 / 200 epochs, worst worker, 3 seeds; alpha = 1 / 0.1 / 0.01 (all-reduce is iid-independent)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from relay_ray.algorithms import ALGORITHMS, COMPRESSING_ALGORITHMS, FILL_RULES, TREE_ALGORITHMS
+from relay_ray.algorithms import ALGORITHMS, COMPRESSING_ALGORITHMS, FILL_RULES, RELAYSGD_FAMILY, TREE_ALGORITHMS
 from relay_ray.compression import parse_compression
 from relay_ray.errors import UserError
 from relay_ray.files import write_atomic
@@ -217,7 +217,7 @@ class RunConfig:
         if not 0 <= self.drop_prob < 1:
             raise UserError(f"--drop-prob must be in [0, 1), got {self.drop_prob}")
         _choice("relay-fill", self.relay_fill, RELAY_FILLS)
-        if self.relay_fill != "auto" and self.algorithm != "relaysgd":
+        if self.relay_fill != "auto" and not self.relays_models:
             raise UserError(f"--relay-fill is RelaySGD's fill rule; {self.algorithm} has none (drop --relay-fill)")
         _choice("partition", self.partition, PARTITIONS)
         if self.final_evals < 1:
@@ -304,19 +304,24 @@ class RunConfig:
     def uses_trees(self) -> bool:
         return self.algorithm in TREE_ALGORITHMS
 
+    @property
+    def relays_models(self) -> bool:
+        """RelaySGD or a variant of it: a fill rule and the tree's lr correction apply."""
+        return self.algorithm in RELAYSGD_FAMILY
+
     def lr_scale(self, auto_value: float) -> float:
         """The factor applied to --lr for RelaySGD: the tree's correction (auto), 1 (none) or a number.
 
         Other algorithms need no correction (their averaging is not damped by x0 fill-in): 1.
         """
-        if self.algorithm != "relaysgd" or self.lr_correction == "none":
+        if not self.relays_models or self.lr_correction == "none":
             return 1.0
         return auto_value if self.lr_correction == "auto" else float(self.lr_correction)
 
     @property
     def fill_rule(self) -> str | None:
         """RelaySGD's fill rule with ``auto`` resolved; None for other algorithms."""
-        if self.algorithm != "relaysgd":
+        if not self.relays_models:
             return None
         if self.relay_fill != "auto":
             return self.relay_fill

@@ -24,6 +24,7 @@ import ray
 import yaml
 from ray import tune
 
+from relay_ray.algorithms import TREE_ALGORITHMS
 from relay_ray.checkpoint import inspect_checkpoint
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.engine import Engine, connect
@@ -286,7 +287,7 @@ def _topology_label(row) -> str:
         return topology
     if row.get("algorithm") == "allreduce":
         return "complete"
-    if row.get("algorithm") in ("relaysgd", "relaysum-grad"):
+    if row.get("algorithm") in TREE_ALGORITHMS:
         tree = row.get("tree") or "auto"
         return f"{'chain' if tree == 'auto' else tree} tree"  # auto without a graph relays over a chain
     return "ring"

@@ -283,6 +283,41 @@ def _relay_reference(name, trees, x0, updates_per_step):
     return x
 
 
+def _relaysgd_qgm_reference(trees, x0, grads_per_step, lr: float, beta: float):
+    """RelaySGD's delayed average (above) with the quasi-global momentum rule of DSGD-QGM's reference:
+    direction g + beta (beta m + g), m <- beta m + (1 - beta)(x^t - x^{t+1}) / lr."""
+    n, d = len(grads_per_step[0]), x0.size
+    delays = [np.maximum(np.array(nx.floyd_warshall_numpy(t, nodelist=range(n))) - 1, 0).astype(int) for t in trees]
+    x = np.tile(x0, (n, 1)).astype(np.float64)
+    m = np.zeros_like(x)
+    halves = []
+    for t, g in enumerate(grads_per_step):
+        halves.append(x - lr * (g + beta * (beta * m + g)))
+        new = np.empty_like(x)
+        for i in range(n):
+            for coord in range(d):
+                delay = delays[coord % len(trees)][i]
+                new[i, coord] = sum(halves[t - delay[k]][k, coord] if t - delay[k] >= 0 else x0[coord]
+                                    for k in range(n)) / n
+        m = beta * m + (1 - beta) * (x - new) / lr
+        x = new
+    return x
+
+
+@pytest.mark.parametrize("tree", ["chain", "double-binary"])
+def test_relaysgd_qgm_matches_its_reference(tree):
+    n, d, lr, beta = 8, 5, 0.05, 0.9
+    trees = topology.spanning_trees(tree, nx.complete_graph(n), graph_given=False)
+    rng = np.random.default_rng(7)
+    x0 = rng.normal(size=d)
+    algos = _workers("relaysgd-qgm", nx.compose_all(trees), trees, x0, momentum=beta)
+    grads = [rng.normal(size=(n, d)) for _ in range(12)]
+    for t, g in enumerate(grads):
+        _step(algos, g, lr, t=t)
+    np.testing.assert_allclose(_params(algos), _relaysgd_qgm_reference(trees, x0, grads, lr, beta), rtol=1e-4, atol=1e-5)
+    assert np.abs(algos[0].optimizer.buffer).max() > 0.1  # the momentum did act
+
+
 @pytest.mark.parametrize("name", ["relaysgd", "relaysum-grad"])
 @pytest.mark.parametrize("tree", ["chain", "binary", "double-binary"])
 def test_relay_algorithms_match_delay_reference(name, tree):

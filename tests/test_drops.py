@@ -136,10 +136,11 @@ def test_last_fill_keeps_counts_exact_and_equals_x0_on_reliable_links():
     assert rows[0]["consensus_distance"] == rows[1]["consensus_distance"]
 
 
-@pytest.mark.parametrize("fill", ["x0", "current", "last"])
-def test_resume_under_drops_gives_the_same_numbers_for_each_fill(fill, tmp_path):
-    """The fill state (current model, the last message per edge) travels in the checkpoint."""
-    settings = dict(algorithm="relaysgd", tree="double-binary", num_workers=6, dataset="digits", model="logreg",
+@pytest.mark.parametrize("algorithm,fill", [("relaysgd", "x0"), ("relaysgd", "current"), ("relaysgd", "last"),
+                                            ("relaysgd-qgm", "current")])
+def test_resume_under_drops_gives_the_same_numbers_for_each_fill(algorithm, fill, tmp_path):
+    """The fill state (current model, the last message per edge) and QGM's buffer travel in the checkpoint."""
+    settings = dict(algorithm=algorithm, tree="double-binary", num_workers=6, dataset="digits", model="logreg",
                     alpha=0.1, steps=60, eval_every=10, checkpoint_every=30, drop_prob=0.2, relay_fill=fill,
                     backend="local", seed=3, momentum=0.9)
     full = tmp_path / "full"

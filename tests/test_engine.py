@@ -27,7 +27,7 @@ NUMERIC_KEYS = ("train_loss", "test_acc_mean", "test_acc_worst", "test_acc_avg_m
 LAYOUTS = (
     [("relaysgd", dict(tree="chain")), ("relaysgd", dict(tree="double-binary")),
      ("relaysgd", dict(topology="ring", tree="bfs")), ("relaysum-grad", dict(tree="double-binary")),
-     ("allreduce", {})]
+     ("allreduce", {}), ("relaysgd-qgm", dict(tree="chain"))]
     + [(a, dict(topology=t)) for a in ("dsgd", "dsgd-qgm", "d2", "gradient-tracking") for t in ("ring", "chain")]
 )
 

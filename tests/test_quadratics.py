@@ -82,6 +82,18 @@ def test_exact_methods_converge_on_heterogeneous_quadratics(algorithm, topology)
         assert summary["lr_scale"] == pytest.approx(5.375)
 
 
+@pytest.mark.parametrize("settings", [dict(relay_fill="current"), dict(relay_fill="last"),
+                                      dict(algorithm="relaysgd-qgm", tree="double-binary", momentum=0.9)],
+                         ids=["fill-current", "fill-last", "relaysgd-qgm"])
+def test_lr_cap_variants_keep_exact_convergence(settings):
+    """Every RelaySGD variant of the lr-cap study reaches 1e-6 of the start under zeta^2 = 100 (issue: exactness)."""
+    settings = {"algorithm": "relaysgd", **settings}
+    summary = _run(settings.pop("algorithm"), 100.0, **settings)
+    initial = _initial_suboptimality(100.0)
+    assert summary["final"]["suboptimality"] < 1e-6 * initial, summary["final"]
+    assert summary["final"]["suboptimality_worst"] < 1e-5 * initial
+
+
 def test_dsgd_on_a_ring_stalls_at_a_floor_that_grows_with_heterogeneity():
     finals = {z: _run("dsgd", z, "ring")["final"]["suboptimality"] for z in (0.0, 10.0, 100.0)}
     assert finals[0.0] < 1e-9 * _initial_suboptimality(0.0)  # homogeneous: D-SGD is exact

@@ -18,7 +18,7 @@ ALGORITHM_LAYOUTS = [("relaysgd", dict(tree="double-binary")), ("relaysgd", dict
                      ("relaysgd", dict(tree="double-binary", relay_fill="last")),
                      ("relaysum-grad", dict(tree="double-binary")), ("allreduce", {}), ("dsgd", dict(topology="ring")),
                      ("dsgd-qgm", dict(topology="ring")), ("d2", dict(topology="ring")),
-                     ("gradient-tracking", dict(topology="chain"))]
+                     ("gradient-tracking", dict(topology="chain")), ("relaysgd-qgm", dict(tree="double-binary"))]
 IDS = [f"{a}-{'-'.join(layout.values()) or 'exact'}" for a, layout in ALGORITHM_LAYOUTS]
 
 

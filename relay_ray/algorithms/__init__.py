@@ -8,7 +8,7 @@ import numpy as np
 from relay_ray import tensors
 from relay_ray.algorithms.base import Algorithm, CommPlan
 from relay_ray.algorithms.gossip import D2, DSGD, AllReduce, Choco, DSGDQuasiGlobalMomentum, GradientTracking
-from relay_ray.algorithms.relaysum import FILL_RULES, RelaySGD, RelaySumChannel, RelaySumGrad
+from relay_ray.algorithms.relaysum import FILL_RULES, RelaySGD, RelaySGDQuasiGlobalMomentum, RelaySumChannel, RelaySumGrad
 from relay_ray.compression import parse_compression
 from relay_ray.errors import UserError
 from relay_ray.links import Links
@@ -16,12 +16,14 @@ from relay_ray.optim import NesterovSGD
 from relay_ray.topology import metropolis_hastings_weights
 
 _REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (RelaySGD, RelaySumGrad, AllReduce, DSGD, DSGDQuasiGlobalMomentum, D2, GradientTracking,
+    cls.name: cls for cls in (RelaySGD, RelaySGDQuasiGlobalMomentum, RelaySumGrad, AllReduce, DSGD, DSGDQuasiGlobalMomentum, D2, GradientTracking,
                               Choco)
 }
 COMPRESSING_ALGORITHMS = tuple(name for name, cls in _REGISTRY.items() if cls.compresses)
 ALGORITHMS = tuple(_REGISTRY)
 TREE_ALGORITHMS = tuple(name for name, cls in _REGISTRY.items() if cls.uses_trees)
+# relay models with a fill rule and the tree's lr correction: RelaySGD and its variants
+RELAYSGD_FAMILY = tuple(name for name, cls in _REGISTRY.items() if issubclass(cls, RelaySGD))
 
 
 def algorithm_class(name: str) -> type[Algorithm]:
@@ -65,5 +67,5 @@ def make_algorithm(name: str, rank: int, plan: CommPlan, x0, momentum: float,
     return algorithm
 
 
-__all__ = ["ALGORITHMS", "COMPRESSING_ALGORITHMS", "FILL_RULES", "TREE_ALGORITHMS", "Algorithm", "CommPlan", "RelaySumChannel", "algorithm_class",
+__all__ = ["ALGORITHMS", "COMPRESSING_ALGORITHMS", "FILL_RULES", "RELAYSGD_FAMILY", "TREE_ALGORITHMS", "Algorithm", "CommPlan", "RelaySumChannel", "algorithm_class",
            "build_plan", "make_algorithm"]

@@ -269,7 +269,7 @@ class Engine:
     @property
     def _fill_after_failure(self) -> str | None:
         """RelaySGD's fill rule once a worker has died (a lost neighbour's mass: the receiver's model)."""
-        return "current" if self.config.algorithm == "relaysgd" else None
+        return "current" if self.config.relays_models else None
 
     def _metric(self) -> str:
         return "test_acc" if self.config.dataset != "quadratics" else "suboptimality"
@@ -516,7 +516,7 @@ class Engine:
         for g in set(range(len(self.actors))) - set(alive):
             self._let_go(self.actors[g])
         self.actors, self.layout = [self.actors[g] for g in alive], layout
-        scale = f"; lr x{survivors.lr_scale:.3g} for the new tree" if self.config.algorithm == "relaysgd" else ""
+        scale = f"; lr x{survivors.lr_scale:.3g} for the new tree" if self.config.relays_models else ""
         return f"{scale}; checkpoints stop" if self.config.checkpoint_every else scale
 
     def _replace(self, dead_groups: list[int], step: int) -> dict[int, int]:
