@@ -196,6 +196,9 @@ def plot(frame: pd.DataFrame, tuning: pd.DataFrame | None, path: Path, command: 
             ax.plot(rows["lr"], 100 * rows["test_acc_worst"], marker="o", ms=3, color=f"C{i}", label=label,
                     linestyle="--" if label.startswith("all-reduce") else "-")
         ax.set_xscale("log")
+        lrs = sorted(tuning["lr"].unique())
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], fontsize=7)
+        ax.minorticks_off()
         ax.set_title("CIFAR-10, α = 0.01, 1 epoch, seed 0", fontsize=9)
         ax.set_xlabel("base lr")
         ax.set_ylabel("worst-worker test accuracy (%)")
