@@ -108,3 +108,22 @@ class Algorithm:
     def load_state_dict(self, state: dict) -> None:
         self.params = tensors.clone(tensors.like(state["params"], self.params))
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+class QuasiGlobalMomentum:
+    """Quasi-global momentum (Lin et al. 2021, arXiv:2102.04761), mixed into an algorithm class.
+
+    The local step uses the Nesterov direction with buffer βm + g but discards that buffer change;
+    after the averaging, the buffer is rebuilt from the model change the averaging produced:
+    m ← βm + (1 − β)(x^t − x^{t+1}) / η, with η the lr the local step got.
+    """
+
+    def local_step(self, grad: Array, lr: float) -> None:
+        direction, _ = self.optimizer.direction(self.params, grad)
+        self.lr = lr
+        self.update = tensors.float32(-lr * direction)
+        self.half = self.params + self.update
+
+    def _rebuild_momentum(self, before: Array, after: Array) -> None:
+        beta = self.optimizer.momentum
+        self.optimizer.buffer = tensors.float32(beta * self.optimizer.buffer + (1 - beta) * (before - after) / self.lr)

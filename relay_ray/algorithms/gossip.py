@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from relay_ray import tensors
-from relay_ray.algorithms.base import Algorithm
+from relay_ray.algorithms.base import Algorithm, QuasiGlobalMomentum
 from relay_ray.compression import Differential, edge_rng
 from relay_ray.tensors import Array
 
@@ -109,29 +109,18 @@ class AllReduce(DSGD):
         self.error = np.array(state["error"], dtype=np.float32) if "error" in state else None
 
 
-class DSGDQuasiGlobalMomentum(GossipAlgorithm):
-    """D-SGD + quasi-global momentum (Lin et al. 2021, arXiv:2102.04761).
-
-    The Nesterov step uses buffer beta*m + g, but that buffer change is discarded; the momentum
-    is instead rebuilt from the model change the gossip produced: m <- beta m + (1-beta)(x^t - x^{t+1})/lr.
-    """
+class DSGDQuasiGlobalMomentum(QuasiGlobalMomentum, GossipAlgorithm):
+    """D-SGD + quasi-global momentum (Lin et al. 2021, arXiv:2102.04761): x^{t+1} = W x^{t+1/2}, the
+    momentum rebuilt from the model change the gossip produced (``QuasiGlobalMomentum``)."""
 
     name = "dsgd-qgm"
-
-    def local_step(self, grad: Array, lr: float) -> None:
-        direction, _ = self.optimizer.direction(self.params, grad)
-        self.lr = lr
-        self.update = tensors.float32(-lr * direction)
-        self.half = self.params + self.update
 
     def outgoing(self) -> list[Array]:
         return [self.half] * len(self.neighbors)
 
     def incoming(self, inbox: list[Array | None]) -> None:
         new_params = self._mix(self.half, inbox)
-        beta = self.optimizer.momentum
-        self.optimizer.buffer = tensors.float32(
-            beta * self.optimizer.buffer + (1 - beta) * (self.params - new_params) / self.lr)
+        self._rebuild_momentum(self.params, new_params)
         self.params = new_params
 
 

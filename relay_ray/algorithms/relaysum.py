@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from relay_ray import tensors
-from relay_ray.algorithms.base import Algorithm, CommPlan
+from relay_ray.algorithms.base import Algorithm, CommPlan, QuasiGlobalMomentum
 from relay_ray.compression import Differential, edge_rng
 from relay_ray.optim import NesterovSGD
 from relay_ray.tensors import Array
@@ -218,32 +218,23 @@ class RelaySGD(_RelayAlgorithm):
         self.fill = state.get("fill", self.fill)
 
 
-class RelaySGDQuasiGlobalMomentum(RelaySGD):
-    """RelaySGD + quasi-global momentum: the QGM rule of Lin et al. 2021 (arXiv:2102.04761, Alg. 1)
-    applied to the relayed model change instead of a gossip step (an lr-cap variant, DESIGN §1).
+class RelaySGDQuasiGlobalMomentum(QuasiGlobalMomentum, RelaySGD):
+    """RelaySGD + quasi-global momentum (``QuasiGlobalMomentum``, Lin et al. 2021, arXiv:2102.04761)
+    on the relayed model change instead of a gossip step: an lr-cap variant (benchmarks/lr_cap.py).
 
-    The local step uses the Nesterov direction with buffer βm + g but does not keep that buffer;
-    after the relay, m ← βm + (1 − β)(x^t − x^{t+1}) / η with η the lr of the local step, the tree's
-    correction included.  Dividing by the lr before the correction instead (so that m would estimate the
-    mean direction at full size) feeds the relay's transient model changes back ×correction into the
-    next steps: on the ζ² = 100 quadratics that diverges at every lr ≤ 0.03 (measured, chain and double
-    binary trees).  At a fixed point the model change is 0, so m → 0 and the fixed point is RelaySGD's.
+    η in m ← βm + (1 − β)(x^t − x^{t+1}) / η is the lr of the local step, the tree's correction
+    included.  Dividing by the lr before the correction instead (so that m would estimate the mean
+    direction at full size) feeds the relay's transient model changes back ×correction into the next
+    steps: on the ζ² = 100 quadratics that diverged at every lr ≤ 0.03 (chain and double binary trees).
+    At a fixed point the model change is 0, so m → 0 and the fixed point is RelaySGD's (exact).
     """
 
     name = "relaysgd-qgm"
 
-    def local_step(self, grad: Array, lr: float) -> None:
-        direction, _ = self.optimizer.direction(self.params, grad)
-        self.lr = lr
-        self.update = tensors.float32(-lr * direction)
-        self.half = self.params + self.update
-
     def incoming(self, inbox: list[Array | None]) -> None:
         before = self.params
         super().incoming(inbox)
-        beta = self.optimizer.momentum
-        self.optimizer.buffer = tensors.float32(
-            beta * self.optimizer.buffer + (1 - beta) * (before - self.params) / self.lr)
+        self._rebuild_momentum(before, self.params)
 
 
 class RelaySumGrad(_RelayAlgorithm):
