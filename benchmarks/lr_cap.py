@@ -7,14 +7,19 @@ suboptimality relative to the start, the largest lr that still reaches 1e-6 of i
 **overshoot**: the largest model change of any single worker in one step, over the largest model change
 of all-reduce at the same base lr (1: no worker ever steps further than exact averaging does).
 
+Part 1b, noisy quadratics (~2 minutes): the same task with Gaussian noise (std --noise per coordinate,
+seeded per worker) added to every gradient, for RelaySGD as published on each tree and all-reduce:
+the suboptimality of the averaged model and of the worst worker, averaged over the second half of
+the run.  Full gradients cannot show what stochastic ones do to single workers; this part can.
+
 Part 2, CIFAR-10 (~28 minutes on 2 cores): `benchmarks/cifar10_table.py` with the variants' rows,
 alpha 0.01, 1 epoch, the paper's schedule, every row at its own tuned lr (grid extended until the best
 is inside), 3 seeds; or `--cifar-from DIR` reads an earlier run of exactly that (its tuning.csv and
 table.csv).
 
-Writes OUT/lr_cap_quadratics.csv, OUT/lr_cap.md and OUT/lr_cap.png.
+Writes OUT/lr_cap_quadratics.csv, OUT/lr_cap_noisy.csv, OUT/lr_cap.md and OUT/lr_cap.png.
 
-    .venv/bin/python benchmarks/lr_cap.py                       # both parts, ~31 minutes
+    .venv/bin/python benchmarks/lr_cap.py                       # every part, ~33 minutes
     .venv/bin/python benchmarks/lr_cap.py --cifar-from benchmarks/cifar10/lr_cap   # part 1 + plot
 """
 
@@ -62,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.4])
     parser.add_argument("--steps", type=int, default=1500, help="quadratics steps per run")
     parser.add_argument("--heterogeneity", type=float, default=100.0, help="quadratics zeta^2")
+    parser.add_argument("--noise", type=float, default=1.0, help="gradient noise std of part 1b")
+    parser.add_argument("--noise-lrs", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     parser.add_argument("--cifar-from", default=None, metavar="DIR",
                         help="an earlier cifar10_table.py run of the CIFAR rows (skips part 2)")
     parser.add_argument("--skip-cifar", action="store_true", help="part 1 only")
@@ -93,6 +100,68 @@ def quadratics_run(settings: dict, lr: float, args: argparse.Namespace) -> tuple
             w.receive(*inbox)
     final = np.stack([w.host_params() for w in workers]).mean(axis=0)
     return task.suboptimality(final) / initial, steps
+
+
+class NoisyGradients:
+    """A worker problem whose gradients carry N(0, std^2) noise per coordinate (seeded per rank)."""
+
+    def __init__(self, problem, std: float, seed: int):
+        self.problem, self.std = problem, std
+        self.rng = np.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        return getattr(self.problem, name)
+
+    def loss_and_grad(self, params):
+        loss, grad = self.problem.loss_and_grad(params)
+        return loss, grad + (self.std * self.rng.standard_normal(grad.shape)).astype(np.float32)
+
+
+def noisy_run(settings: dict, lr: float, args: argparse.Namespace) -> tuple[float, float]:
+    """(averaged model, worst worker): suboptimality over the start, mean of the run's second half."""
+    config = RunConfig(dataset="quadratics", heterogeneity=args.heterogeneity, num_workers=16, backend="local",
+                       steps=args.steps, lr=lr, out=None, **settings)
+    experiment = build_experiment(config)
+    workers = [Worker(experiment.worker_spec(rank), experiment.task_data) for rank in range(16)]
+    for rank, worker in enumerate(workers):
+        worker.problem = NoisyGradients(worker.problem, args.noise, seed=rank)
+    task = experiment.task_data
+    initial = task.suboptimality(workers[0].host_params())
+    averaged, worst = [], []
+    outboxes = None
+    with np.errstate(all="ignore"):
+        for t in range(args.steps):
+            inboxes = experiment.plan.route(outboxes) if outboxes is not None else [[] for _ in workers]
+            outboxes = step_workers(workers, inboxes, False)
+            if t >= args.steps // 2:
+                models = np.stack([w.host_params() for w in workers])
+                if not np.isfinite(models).all():
+                    return float("inf"), float("inf")
+                averaged.append(task.suboptimality(models.mean(axis=0)))
+                worst.append(max(task.suboptimality(m) for m in models))
+    return float(np.mean(averaged)) / initial, float(np.mean(worst)) / initial
+
+
+def noisy_study(args: argparse.Namespace) -> pd.DataFrame:
+    runs = {"complete": dict(algorithm="allreduce"),
+            **{tree: dict(algorithm="relaysgd", **layout) for tree, layout in TREES.items()}}
+    rows = []
+    for tree, settings in runs.items():
+        for lr in args.noise_lrs:
+            averaged, worst = noisy_run(settings, lr, args)
+            rows.append({"tree": tree, "lr": lr, "averaged": averaged, "worst": worst})
+            print(f"noisy {tree:14s} lr {lr:<6g} averaged {averaged:.2e} worst {worst:.2e}", flush=True)
+    return pd.DataFrame(rows)
+
+
+def noisy_table(frame: pd.DataFrame) -> str:
+    lines = ["| run | lr | averaged model | worst worker | worst worker / all-reduce's |", "|---|---|---|---|---|"]
+    reference = frame[frame["tree"] == "complete"].set_index("lr")["worst"]
+    for row in frame.to_dict("records"):
+        run = "all-reduce" if row["tree"] == "complete" else f"RelaySGD {row['tree']}"
+        lines.append(f"| {run} | {row['lr']:g} | {row['averaged']:.2e} | {row['worst']:.2e} | "
+                     f"{row['worst'] / reference[row['lr']]:.1f} |")
+    return "\n".join(lines)
 
 
 def quadratics_study(args: argparse.Namespace) -> pd.DataFrame:
@@ -214,6 +283,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     frame = quadratics_study(args)
     frame.to_csv(out / "lr_cap_quadratics.csv", index=False)
+    noisy = noisy_study(args)
+    noisy.to_csv(out / "lr_cap_noisy.csv", index=False)
     quad_s = time.perf_counter() - started
     tuning = table = None
     if not args.skip_cifar:
@@ -222,7 +293,9 @@ def main(argv=None) -> int:
     parts = [f"`{command.strip()}` ({(time.perf_counter() - started) / 60:.1f} min; quadratics {quad_s / 60:.1f} min)",
              "", f"Quadratics, 16 workers, ζ² = {args.heterogeneity:g}, {args.steps} steps, full gradients: final "
              "F(x̄) − F* over the start, and in brackets the overshoot (largest one-step model change of any worker "
-             "over all-reduce's at the same lr and momentum)", "", quadratics_table(frame, args)]
+             "over all-reduce's at the same lr and momentum)", "", quadratics_table(frame, args), "",
+             f"Noisy quadratics (gradient noise std {args.noise:g} per coordinate), F − F* over the start, mean of "
+             "the second half of the run:", "", noisy_table(noisy)]
     if tuning is not None:
         parts += ["", f"CIFAR-10 (`{folder}`):", "", cifar_table(tuning, table)]
     (out / "lr_cap.md").write_text("\n".join(parts) + "\n")
