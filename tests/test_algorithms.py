@@ -257,28 +257,42 @@ def test_dsgd_one_step_is_w_times_half_step():
     np.testing.assert_allclose(_params(algos), w @ (np.tile(x0, (n, 1)) - lr * grads), rtol=1e-5, atol=1e-6)
 
 
+def _delays(trees, n: int) -> list[np.ndarray]:
+    """delta_ik = max(d(i, k) - 1, 0) per tree."""
+    return [np.maximum(np.array(nx.floyd_warshall_numpy(t, nodelist=range(n))) - 1, 0).astype(int) for t in trees]
+
+
+def _delayed_average(halves, t: int, delays, x0) -> np.ndarray:
+    """x_i^{t+1} = (1/n) sum_k xhalf_k^{t - delta_ik}, xhalf^{<0} = x0, per coordinate's tree (stride split)."""
+    n, d = halves[0].shape
+    new = np.empty((n, d))
+    for i in range(n):
+        for coord in range(d):
+            delay = delays[coord % len(delays)][i]
+            new[i, coord] = sum(halves[t - delay[k]][k, coord] if t - delay[k] >= 0 else x0[coord] for k in range(n)) / n
+    return new
+
+
 def _relay_reference(name, trees, x0, updates_per_step):
     """x_i^{t+1} = (1/n) sum_k xhalf_k^{t - delta_ik} (xhalf^{<0} = x0) for relaysgd, and
     x_i^{t+1} = x_i^t + (1/n) sum_k u_k^{t - delta_ik} (u^{<0} = 0) for relaysum-grad, with
     delta_ik = max(d(i, k) - 1, 0) on the tree that carries the coordinate (stride split)."""
     n, d = len(updates_per_step[0]), x0.size
-    num_trees = len(trees)
-    delays = [np.maximum(np.array(nx.floyd_warshall_numpy(t, nodelist=range(n))) - 1, 0).astype(int) for t in trees]
+    delays = _delays(trees, n)
     x = np.tile(x0, (n, 1)).astype(np.float64)
     halves, updates = [], []
     for t, u in enumerate(updates_per_step):
         halves.append(x + u)
         updates.append(u)
+        if name == "relaysgd":
+            x = _delayed_average(halves, t, delays, x0)
+            continue
         new = np.empty_like(x)
         for i in range(n):
             for coord in range(d):
-                delay = delays[coord % num_trees][i]
-                if name == "relaysgd":
-                    new[i, coord] = sum(halves[t - delay[k]][k, coord] if t - delay[k] >= 0 else x0[coord]
-                                        for k in range(n)) / n
-                else:
-                    new[i, coord] = x[i, coord] + sum(updates[t - delay[k]][k, coord] for k in range(n)
-                                                      if t - delay[k] >= 0) / n
+                delay = delays[coord % len(trees)][i]
+                new[i, coord] = x[i, coord] + sum(updates[t - delay[k]][k, coord] for k in range(n)
+                                                  if t - delay[k] >= 0) / n
         x = new
     return x
 
@@ -286,19 +300,14 @@ def _relay_reference(name, trees, x0, updates_per_step):
 def _relaysgd_qgm_reference(trees, x0, grads_per_step, lr: float, beta: float):
     """RelaySGD's delayed average (above) with the quasi-global momentum rule of DSGD-QGM's reference:
     direction g + beta (beta m + g), m <- beta m + (1 - beta)(x^t - x^{t+1}) / lr."""
-    n, d = len(grads_per_step[0]), x0.size
-    delays = [np.maximum(np.array(nx.floyd_warshall_numpy(t, nodelist=range(n))) - 1, 0).astype(int) for t in trees]
+    n = len(grads_per_step[0])
+    delays = _delays(trees, n)
     x = np.tile(x0, (n, 1)).astype(np.float64)
     m = np.zeros_like(x)
     halves = []
     for t, g in enumerate(grads_per_step):
         halves.append(x - lr * (g + beta * (beta * m + g)))
-        new = np.empty_like(x)
-        for i in range(n):
-            for coord in range(d):
-                delay = delays[coord % len(trees)][i]
-                new[i, coord] = sum(halves[t - delay[k]][k, coord] if t - delay[k] >= 0 else x0[coord]
-                                    for k in range(n)) / n
+        new = _delayed_average(halves, t, delays, x0)
         m = beta * m + (1 - beta) * (x - new) / lr
         x = new
     return x

@@ -87,8 +87,8 @@ def test_exact_methods_converge_on_heterogeneous_quadratics(algorithm, topology)
                          ids=["fill-current", "fill-last", "relaysgd-qgm"])
 def test_lr_cap_variants_keep_exact_convergence(settings):
     """Every RelaySGD variant of the lr-cap study reaches 1e-6 of the start under zeta^2 = 100 (issue: exactness)."""
-    settings = {"algorithm": "relaysgd", **settings}
-    summary = _run(settings.pop("algorithm"), 100.0, **settings)
+    settings = dict(settings)
+    summary = _run(settings.pop("algorithm", "relaysgd"), 100.0, **settings)
     initial = _initial_suboptimality(100.0)
     assert summary["final"]["suboptimality"] < 1e-6 * initial, summary["final"]
     assert summary["final"]["suboptimality_worst"] < 1e-5 * initial
