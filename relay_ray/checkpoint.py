@@ -61,6 +61,8 @@ def plan_digest(plan) -> str:
     h.update(repr((plan.num_workers, plan.neighbors, plan.tree_neighbors)).encode())
     if plan.gossip_weights is not None:
         h.update(np.ascontiguousarray(plan.gossip_weights, dtype=np.float64).tobytes())
+    for weights in plan.schedule:
+        h.update(np.ascontiguousarray(weights, dtype=np.float64).tobytes())
     return h.hexdigest()[:16]
 
 

@@ -181,13 +181,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_topology(args: argparse.Namespace) -> int:
     from relay_ray.experiment import build_topology
-    from relay_ray.topology import check_bounded, plot_topology, topology_stats
+    from relay_ray.topology import DIRECTED, check_bounded, plot_topology, topology_stats
 
     config = RunConfig(algorithm="relaysgd", topology=args.topology, topology_file=args.topology_file,
                        tree=args.tree, num_workers=args.num_workers, dataset="quadratics", backend="local")
     check_bounded(config.num_workers)  # before the (complete) graph is built
     graph, trees = build_topology(config)
-    stats = topology_stats(graph, trees).to_dict()
+    stats = topology_stats(graph, trees, args.topology).to_dict()
     if args.json:
         print(json.dumps(stats))
     else:
@@ -196,7 +196,12 @@ def cmd_topology(args: argparse.Namespace) -> int:
         print(f"num_workers    {stats['num_workers']}")
         print(f"diameter       {stats['diameter']}  (max relay delay {max(stats['diameter'] - 1, 0)} steps)")
         print(f"max_degree     {stats['max_degree']}")
-        print(f"spectral_gap   {stats['spectral_gap']:.4f}  (gossip matrix of the graph)")
+        if stats["period"] > 1 or args.topology in DIRECTED:
+            print(f"period         {stats['period']}  (steps until the schedule repeats)")
+            print(f"consensus_rate {stats['consensus_rate']:.4f}  (per step, of the product of one period's "
+                  "mixing matrices; 0 = exact averaging)")
+        print(f"spectral_gap   {stats['spectral_gap']:.4f}  (gossip matrix of the graph"
+              f"{'; 1 - consensus_rate' if stats['period'] > 1 or args.topology in DIRECTED else ''})")
         print(f"lr_correction  {stats['lr_correction']:.4f}  (RelaySGD --lr-correction auto)")
         for i, edges in enumerate(stats["tree_edges"]):
             print(f"tree {i} edges   " + " ".join(f"{u}-{v}" for u, v in edges))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from relay_ray.algorithms import ALGORITHMS, COMPRESSING_ALGORITHMS, FILL_RULES, RELAYSGD_FAMILY, TREE_ALGORITHMS
+from relay_ray.algorithms import ALGORITHMS, COMPRESSING_ALGORITHMS, FILL_RULES, RELAYSGD_FAMILY, TREE_ALGORITHMS, algorithm_class
 from relay_ray.compression import parse_compression
 from relay_ray.errors import UserError
 from relay_ray.files import write_atomic
@@ -18,7 +18,7 @@ from relay_ray.loggers import parse_loggers
 from relay_ray.storage import Location
 from relay_ray.names import DATASETS, MODELS
 from relay_ray.straggle import Straggle
-from relay_ray.topology import GRAPHS, TREES
+from relay_ray.topology import DIRECTED, GRAPHS, TIME_VARYING, TREES
 
 TASKS = DATASETS + ("quadratics",)
 BACKENDS = ("ray", "local")
@@ -158,6 +158,10 @@ class RunConfig:
                                       "feedback, all-reduce EF-SGD (topk, sign) or unbiased QSGD (randk, qsgd) "
                                       "(default: none)", metavar="SPEC")
     consensus_lr: float = setting(0.5, "choco: the consensus step size gamma (default: 0.5)", metavar="GAMMA")
+    local_steps: int = setting(1, "communicate every H steps, plain local steps in between (local SGD / FedAvg "
+                               "periods; for all-reduce: local SGD); for the algorithms that average models "
+                               "(default: 1, every step)", metavar="H")
+    branching: int = setting(2, "btpp: the branching factor B of its pull and push trees (default: 2)", metavar="B")
     backend: str = setting("ray", f"{' or '.join(BACKENDS)}: Ray actors, or all workers in this process "
                            "(default: ray)", metavar="B", resumable=True)
     # outputs: where the run writes and how often it checkpoints (a resume may change them)
@@ -293,6 +297,29 @@ class RunConfig:
                 raise UserError("--compression runs on host (numpy) state; use --tensors numpy")
         if not 0 < self.consensus_lr <= 1:
             raise UserError(f"--consensus-lr must be in (0, 1], got {self.consensus_lr}")
+        self._validate_communication()
+
+    def _validate_communication(self) -> None:
+        """--local-steps, --branching and time-varying / directed topologies against the algorithm."""
+        cls = algorithm_class(self.algorithm)
+        if self.local_steps < 1:
+            raise UserError(f"--local-steps must be at least 1, got {self.local_steps}")
+        if self.local_steps > 1 and (not cls.local_steps or self.compression is not None):
+            able = ", ".join(a for a in ALGORITHMS if algorithm_class(a).local_steps)
+            why = "with --compression" if cls.local_steps else "(its correction or relay assumes every step communicates)"
+            raise UserError(f"--local-steps > 1 is for {able} without --compression, not {self.algorithm} {why}")
+        if self.branching < 1:
+            raise UserError(f"--branching must be at least 1, got {self.branching}")
+        if self.topology in TIME_VARYING + DIRECTED and self.topology_file is None and self.algorithm != "allreduce" \
+                and not cls.time_varying:
+            able = ", ".join(a for a in ALGORITHMS if algorithm_class(a).time_varying)
+            kind = "changes with the step" if self.topology in TIME_VARYING else "is directed"
+            raise UserError(f"--topology {self.topology} {kind}; {self.algorithm} needs a static undirected graph "
+                            f"(e.g. --topology exponential); the algorithms for it: {able}")
+
+    def communicates_at(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) ends with communication: every --local-steps-th step."""
+        return (step + 1) % self.local_steps == 0
 
     # ------------------------------------------------------------------ derived
     @property

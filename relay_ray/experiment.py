@@ -69,8 +69,9 @@ def build_topology(config: RunConfig) -> tuple[nx.Graph, list[nx.Graph]]:
 def build_experiment(config: RunConfig, task_data: ArrayDataset | QuadraticsTask | None = None) -> Experiment:
     """Topology, communication plan, lr correction, data and shards; all user errors surface here."""
     graph, trees = build_topology(config)
-    plan = build_plan(config.algorithm, graph, trees)
-    stats = topology_stats(graph, trees)
+    topology = config.topology if config.topology_file is None else None
+    plan = build_plan(config.algorithm, graph, trees, topology)
+    stats = topology_stats(graph, trees, topology)
     lr_scale = config.lr_scale(stats.lr_correction)
     n = config.num_workers
     if config.dataset == "quadratics":

@@ -16,7 +16,11 @@ import numpy as np
 
 from relay_ray.errors import UserError
 
-GRAPHS = ("ring", "chain", "star", "complete", "torus", "binary-tree", "exponential", "social")
+GRAPHS = ("ring", "chain", "star", "complete", "torus", "binary-tree", "exponential", "exponential-one-peer",
+          "exponential-directed", "social")
+# graphs whose edges change with the step, or that are used in one direction only (DESIGN: time-varying plans)
+TIME_VARYING = ("exponential-one-peer",)
+DIRECTED = ("exponential-directed",)
 TREES = ("auto", "chain", "binary", "double-binary", "bfs")
 SOCIAL_NUM_WORKERS = 32
 # The statistics of a topology are dense: the gossip matrix is n x n (8 n^2 bytes) and its spectral
@@ -79,14 +83,86 @@ def _named_graph(name: str, n: int) -> nx.Graph:
         graph = nx.convert_node_labels_to_integers(grid, ordering="sorted")
     elif name == "binary-tree":
         graph = binary_tree(n)
-    else:  # exponential: i talks to i ± 2^k (the time-invariant exponential graph of SGP)
-        graph = nx.Graph()
-        graph.add_nodes_from(range(n))
-        hop = 1
-        while hop < n:
-            graph.add_edges_from((i, (i + hop) % n) for i in range(n) if (i + hop) % n != i)
-            hop *= 2
+    else:  # exponential (and the union of the one-peer / directed ones): i talks to i ± 2^k (SGP's graph)
+        graph = nx.Graph(exponential_digraph(n))
     return nx.Graph(graph)
+
+
+def exponential_hops(n: int) -> list[int]:
+    """1, 2, 4, ... < n: the hops of the exponential graph (ceil(log2 n) of them)."""
+    return [2 ** k for k in range(max(1, math.ceil(math.log2(n))))]
+
+
+def exponential_digraph(n: int, hops: list[int] | None = None) -> nx.DiGraph:
+    """i -> i + 2^k (mod n) for each hop: the static exponential graph, directed (Assran et al. 2019)."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(n))
+    for hop in hops or exponential_hops(n):
+        graph.add_edges_from((i, (i + hop) % n) for i in range(n) if (i + hop) % n != i)
+    return graph
+
+
+def communication_schedule(name: str | None, graph: nx.Graph) -> list[nx.DiGraph]:
+    """Who sends to whom at step t: ``schedule[t % len(schedule)]``, edges sender -> receiver.
+
+    A static undirected graph is one entry with both directions of each edge; ``exponential-directed``
+    one entry with i -> i + 2^k only; ``exponential-one-peer`` (Ying et al. 2021, arXiv:2110.13363)
+    ceil(log2 n) entries, at step t the single edge i -> i + 2^(t mod ceil(log2 n)) per worker.
+    ``graph`` is the undirected union (``make_graph``), the edges messages may use."""
+    n = graph.number_of_nodes()
+    if name == "exponential-one-peer":
+        return [exponential_digraph(n, [hop]) for hop in exponential_hops(n)]
+    if name == "exponential-directed":
+        return [exponential_digraph(n)]
+    return [graph.to_directed()]
+
+
+def is_symmetric(schedule: list[nx.DiGraph]) -> bool:
+    return len(schedule) == 1 and all(schedule[0].has_edge(j, i) for i, j in schedule[0].edges)
+
+
+def mixing_matrices(schedule: list[nx.DiGraph]) -> list[np.ndarray]:
+    """Doubly stochastic W_t per entry, W_t[i, j] = the weight of j's message in i's average:
+    Metropolis-Hastings on an undirected graph; 1/(d + 1) on a directed graph where every worker
+    receives from and sends to d others (the exponential ones).  Other directed graphs have none."""
+    if is_symmetric(schedule):
+        return [metropolis_hastings_weights(nx.Graph(schedule[0]))]
+    matrices = []
+    for digraph in schedule:
+        degrees = {d for _, d in digraph.in_degree} | {d for _, d in digraph.out_degree}
+        if len(degrees) != 1:
+            raise UserError("this directed graph has unequal in- and out-degrees: no doubly stochastic weights; "
+                            "use --algorithm sgp (push-sum)")
+        (degree,) = degrees
+        n = digraph.number_of_nodes()
+        weights = np.eye(n) / (degree + 1)
+        for sender, receiver in digraph.edges:
+            weights[receiver, sender] = 1.0 / (degree + 1)
+        matrices.append(weights)
+    return matrices
+
+
+def push_matrices(schedule: list[nx.DiGraph]) -> list[np.ndarray]:
+    """Column stochastic P_t of push-sum (SGP): a sender keeps and sends equal shares, P[i, j] = 1/(out_j + 1)."""
+    matrices = []
+    for digraph in schedule:
+        n = digraph.number_of_nodes()
+        weights = np.diag([1.0 / (digraph.out_degree[j] + 1) for j in range(n)])
+        for sender, receiver in digraph.edges:
+            weights[receiver, sender] = 1.0 / (digraph.out_degree[sender] + 1)
+        matrices.append(weights)
+    return matrices
+
+
+def consensus_rate(matrices: list[np.ndarray]) -> float:
+    """Per step contraction of disagreement: ||W_P ... W_1 - 11^T/n||_2^(1/P) over one period of the
+    schedule (|lambda_2| for one symmetric W; 0 when a period averages exactly)."""
+    n = matrices[0].shape[0]
+    product = np.eye(n)
+    for weights in matrices:
+        product = weights @ product
+    norm = float(np.linalg.norm(product - np.full((n, n), 1.0 / n), 2))
+    return max(norm, 0.0) ** (1.0 / len(matrices)) if norm > 1e-12 else 0.0
 
 
 def _torus_rows(n: int) -> int:
@@ -298,6 +374,8 @@ class TopologyStats:
     lr_correction: float
     tree_edges: list[list[tuple[int, int]]]
     graph_edges: list[tuple[int, int]]
+    period: int = 1  # steps after which a time-varying schedule repeats
+    consensus_rate: float | None = None  # per step, over a period (``consensus_rate``)
 
     def to_dict(self) -> dict:
         return {
@@ -305,28 +383,41 @@ class TopologyStats:
             "diameter": self.diameter,
             "max_degree": self.max_degree,
             "spectral_gap": self.spectral_gap,
+            "period": self.period,
+            "consensus_rate": self.consensus_rate,
             "lr_correction": self.lr_correction,
             "tree_edges": [[list(e) for e in edges] for edges in self.tree_edges],
             "graph_edges": [list(e) for e in self.graph_edges],
         }
 
 
-def topology_stats(graph: nx.Graph, trees: list[nx.Graph]) -> TopologyStats:
+def topology_stats(graph: nx.Graph, trees: list[nx.Graph], name: str | None = None) -> TopologyStats:
     """Statistics a user needs to pick a topology: delays, degrees, mixing, lr correction.
 
     ``diameter`` and ``max_degree`` are those of the relay tree(s) (what RelaySGD sees);
-    ``spectral_gap`` is that of the gossip matrix of the graph (what D-SGD sees).
+    ``spectral_gap`` is that of the gossip matrix of the graph (what D-SGD sees).  For a time-varying
+    or directed graph (``name``): ``period`` and the per-step ``consensus_rate`` of the product of the
+    period's mixing matrices, and ``spectral_gap`` = 1 - that rate.
     """
     check_bounded(graph.number_of_nodes())
     union = nx.compose_all(trees)
+    schedule = communication_schedule(name, graph)
+    if is_symmetric(schedule):
+        gap = spectral_gap(metropolis_hastings_weights(graph))
+        rate = 1.0 - gap
+    else:
+        rate = consensus_rate(mixing_matrices(schedule))
+        gap = 1.0 - rate
     return TopologyStats(
         num_workers=graph.number_of_nodes(),
         diameter=max_delay(trees),
         max_degree=max(d for _, d in union.degree),
-        spectral_gap=spectral_gap(metropolis_hastings_weights(graph)),
+        spectral_gap=gap,
         lr_correction=lr_correction(trees),
         tree_edges=[sorted(tuple(sorted(e)) for e in tree.edges) for tree in trees],
         graph_edges=sorted(tuple(sorted(e)) for e in graph.edges),
+        period=len(schedule),
+        consensus_rate=rate,
     )
 
 

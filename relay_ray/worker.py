@@ -13,6 +13,7 @@ import torch
 
 from relay_ray import checkpoint, tensors
 from relay_ray.algorithms import make_algorithm
+from relay_ray.algorithms.base import silent
 from relay_ray.data import ArrayDataset
 from relay_ray.experiment import WorkerSpec
 from relay_ray.links import Links, message_dropped
@@ -62,8 +63,10 @@ class Worker:
                 else tensors.like(message, params) for j, message in zip(self.algorithm.neighbors, inbox)]
 
     def receive(self, *inbox) -> None:
-        """Finish the previous step's averaging with the neighbours' messages."""
-        self.algorithm.incoming(self._unreliable(inbox))
+        """Finish the previous step's averaging with the neighbours' messages (after a step that did
+        not communicate, --local-steps, there is nothing to finish)."""
+        if self.config.communicates_at(self.step_count - 1):
+            self.algorithm.incoming(self._unreliable(inbox))
 
     def step(self, *inbox) -> list:
         """Finish the previous averaging (if messages are given), take a local step, return messages.
@@ -83,7 +86,11 @@ class Worker:
                                                 self.spec.warmup_steps, tuple(config.decay_at))
         self.algorithm.step = self.step_count  # the step these messages belong to (per-edge streams, drops)
         self.algorithm.local_step(grad, lr)
-        messages = self.algorithm.outgoing()
+        if config.communicates_at(self.step_count):
+            messages = self.algorithm.outgoing()
+        else:  # a plain local step (--local-steps): empty messages keep the routing, 0 bytes
+            self.algorithm.local_only()
+            messages = [silent(self.algorithm.params)] * self.degree
         self.losses.append(loss)  # a tensor on the device with torch state: read at the next evaluation
         self.step_count += 1
         self.samples_seen += self.problem.samples_per_step

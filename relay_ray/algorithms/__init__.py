@@ -8,16 +8,18 @@ import numpy as np
 from relay_ray import tensors
 from relay_ray.algorithms.base import Algorithm, CommPlan
 from relay_ray.algorithms.gossip import D2, DSGD, AllReduce, Choco, DSGDQuasiGlobalMomentum, GradientTracking
+from relay_ray.algorithms.pushsum import SGP
 from relay_ray.algorithms.relaysum import FILL_RULES, RelaySGD, RelaySGDQuasiGlobalMomentum, RelaySumChannel, RelaySumGrad
 from relay_ray.compression import parse_compression
 from relay_ray.errors import UserError
 from relay_ray.links import Links
 from relay_ray.optim import NesterovSGD
-from relay_ray.topology import metropolis_hastings_weights
+from relay_ray.topology import (communication_schedule, is_symmetric, metropolis_hastings_weights, mixing_matrices,
+                                push_matrices)
 
 _REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (RelaySGD, RelaySGDQuasiGlobalMomentum, RelaySumGrad, AllReduce, DSGD, DSGDQuasiGlobalMomentum, D2, GradientTracking,
-                              Choco)
+                              Choco, SGP)
 }
 COMPRESSING_ALGORITHMS = tuple(name for name, cls in _REGISTRY.items() if cls.compresses)
 ALGORITHMS = tuple(_REGISTRY)
@@ -32,15 +34,21 @@ def algorithm_class(name: str) -> type[Algorithm]:
     return _REGISTRY[name]
 
 
-def build_plan(name: str, graph: nx.Graph, trees: list[nx.Graph]) -> CommPlan:
-    """The communication plan of algorithm ``name``: trees for relays, the graph for gossip."""
+def build_plan(name: str, graph: nx.Graph, trees: list[nx.Graph], topology: str | None = None) -> CommPlan:
+    """The communication plan of algorithm ``name``: trees for relays, the graph for gossip (its
+    schedule of mixing weights when ``topology`` is time-varying or directed; push-sum's weights for sgp)."""
     cls = algorithm_class(name)
     if cls.uses_trees:
         return CommPlan.for_trees(trees)
     if cls is AllReduce:
         n = graph.number_of_nodes()
         return CommPlan.for_gossip(nx.complete_graph(n), np.full((n, n), 1.0 / n))
-    return CommPlan.for_gossip(graph, metropolis_hastings_weights(graph))
+    schedule = communication_schedule(topology, graph)
+    if cls.push_sum:
+        return CommPlan.for_schedule(graph, push_matrices(schedule))
+    if is_symmetric(schedule):
+        return CommPlan.for_gossip(graph, metropolis_hastings_weights(graph))
+    return CommPlan.for_schedule(graph, mixing_matrices(schedule))
 
 
 def make_algorithm(name: str, rank: int, plan: CommPlan, x0, momentum: float,

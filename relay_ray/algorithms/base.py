@@ -31,6 +31,18 @@ class CommPlan:
     # the ranks still training (None: all); a plan after a worker died (--on-failure continue) keeps
     # the original rank numbers, the dead ranks without neighbours, and averages over the members
     members: tuple[int, ...] | None = None
+    # a time-varying or directed plan: W_t = schedule[t % period], W_t[i, j] = the weight of j's message
+    # in i's average (0: i does not hear j at step t).  ``neighbors`` is the union over the period, so
+    # routing never changes; a message on an edge not used at step t is empty (0 bytes, see ``silent``)
+    schedule: tuple[np.ndarray, ...] = ()
+
+    @property
+    def period(self) -> int:
+        return max(1, len(self.schedule))
+
+    def weights_at(self, step: int) -> np.ndarray:
+        """The mixing weights of step ``step``'s messages."""
+        return self.schedule[step % len(self.schedule)] if self.schedule else self.gossip_weights
 
     @property
     def num_members(self) -> int:
@@ -64,6 +76,20 @@ class CommPlan:
         neighbors = tuple(tuple(sorted(graph.neighbors(i))) for i in range(n))
         return CommPlan(num_workers=n, neighbors=neighbors, gossip_weights=weights)
 
+    @staticmethod
+    def for_schedule(graph: nx.Graph, matrices: list[np.ndarray]) -> "CommPlan":
+        """A plan over the undirected union ``graph`` whose weights change with the step (or are
+        not symmetric): one matrix per step of the period."""
+        if len(matrices) == 1 and np.array_equal(matrices[0], matrices[0].T):
+            return CommPlan.for_gossip(graph, matrices[0])
+        n = graph.number_of_nodes()
+        neighbors = tuple(tuple(sorted(graph.neighbors(i))) for i in range(n))
+        return CommPlan(num_workers=n, neighbors=neighbors, schedule=tuple(matrices))
+
+
+def silent(message: Array) -> Array:
+    """The empty message on an edge a time-varying plan does not use this step (or a local step)."""
+    return message[:0]
 
 class Algorithm:
     """Base class: holds the model x_i, the local optimizer and the message plumbing.
@@ -75,6 +101,9 @@ class Algorithm:
     name = "base"
     uses_trees = False
     compresses = False  # takes --compression
+    push_sum = False  # mixes with push-sum's column stochastic weights (sgp)
+    time_varying = False  # runs on a time-varying or directed plan (``CommPlan.schedule``)
+    local_steps = True  # may take plain local steps between communications (--local-steps)
     compressor = None
     links = Links()
     step = 0
@@ -94,6 +123,10 @@ class Algorithm:
         """x^{t+1/2} = x^t + u^t with the local (Nesterov) optimizer."""
         self.update = self.optimizer.update(self.params, grad, lr)
         self.half = self.params + self.update
+
+    def local_only(self) -> None:
+        """A step that does not communicate (--local-steps): x^{t+1} = x^{t+1/2}."""
+        self.params = self.half
 
     def outgoing(self) -> list[Array]:
         raise NotImplementedError
@@ -123,6 +156,10 @@ class QuasiGlobalMomentum:
         self.lr = lr
         self.update = tensors.float32(-lr * direction)
         self.half = self.params + self.update
+
+    def local_only(self) -> None:
+        self._rebuild_momentum(self.params, self.half)
+        self.params = self.half
 
     def _rebuild_momentum(self, before: Array, after: Array) -> None:
         beta = self.optimizer.momentum

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from relay_ray import tensors
-from relay_ray.algorithms.base import Algorithm, QuasiGlobalMomentum
+from relay_ray.algorithms.base import Algorithm, QuasiGlobalMomentum, silent
 from relay_ray.compression import Differential, edge_rng
 from relay_ray.tensors import Array
 
@@ -19,12 +19,13 @@ def gossip_mix(own: Array, inbox: list[Array | None], weights: np.ndarray, rank:
                neighbors: tuple[int, ...]) -> Array:
     """sum_j W_ij x_j over self and received neighbours, renormalised by the weight received.
 
-    With every message present the renormaliser is exactly 1 (rows of W sum to one).
+    With every message present the renormaliser is exactly 1 (rows of W sum to one).  A neighbour
+    with W_ij = 0 (not heard at this step of a time-varying plan) sent an empty message: skipped.
     """
     mixed = float(weights[rank, rank]) * _wide(own) if tensors.is_torch(own) else weights[rank, rank] * own
     received_weight = weights[rank, rank]
     for j, message in zip(neighbors, inbox):
-        if message is not None:
+        if message is not None and weights[rank, j] != 0:
             mixed = mixed + (float(weights[rank, j]) if tensors.is_torch(message) else weights[rank, j]) * _wide(message)
             received_weight += weights[rank, j]
     if abs(received_weight - 1.0) > 1e-12:
@@ -33,19 +34,28 @@ def gossip_mix(own: Array, inbox: list[Array | None], weights: np.ndarray, rank:
 
 
 class GossipAlgorithm(Algorithm):
-    """Shared plumbing: one message, sent to every neighbour."""
+    """Shared plumbing: one message, sent to every neighbour that uses it at this step."""
+
+    def _weights(self) -> np.ndarray:
+        return self.plan.weights_at(self.step)
+
+    def _send(self, message: Array) -> list[Array]:
+        """``message`` to each neighbour j with W_ji != 0 at this step, an empty one to the others."""
+        weights = self._weights()
+        return [message if weights[j, self.rank] != 0 else silent(message) for j in self.neighbors]
 
     def _mix(self, own: Array, inbox: list[Array | None]) -> Array:
-        return gossip_mix(own, inbox, self.plan.gossip_weights, self.rank, self.neighbors)
+        return gossip_mix(own, inbox, self._weights(), self.rank, self.neighbors)
 
 
 class DSGD(GossipAlgorithm):
     """D-SGD: x^{t+1} = W (x^t + u^t)."""
 
     name = "dsgd"
+    time_varying = True
 
     def outgoing(self) -> list[Array]:
-        return [self.half] * len(self.neighbors)
+        return self._send(self.half)
 
     def incoming(self, inbox: list[Array | None]) -> None:
         self.params = self._mix(self.half, inbox)
@@ -64,6 +74,7 @@ class AllReduce(DSGD):
 
     name = "allreduce"
     compresses = True
+    time_varying = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -114,9 +125,10 @@ class DSGDQuasiGlobalMomentum(QuasiGlobalMomentum, GossipAlgorithm):
     momentum rebuilt from the model change the gossip produced (``QuasiGlobalMomentum``)."""
 
     name = "dsgd-qgm"
+    time_varying = True
 
     def outgoing(self) -> list[Array]:
-        return [self.half] * len(self.neighbors)
+        return self._send(self.half)
 
     def incoming(self, inbox: list[Array | None]) -> None:
         new_params = self._mix(self.half, inbox)
@@ -128,6 +140,7 @@ class D2(GossipAlgorithm):
     """D^2 (Tang et al. 2018): x^{t+1} = W(x^t + u^t + c^t), c^{t+1} = x^{t+1} - x^t - u^t, c^0 = 0."""
 
     name = "d2"
+    local_steps = False  # its correction assumes every step communicates
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -157,6 +170,8 @@ class GradientTracking(GossipAlgorithm):
     """
 
     name = "gradient-tracking"
+    local_steps = False  # its correction assumes every step communicates
+    time_varying = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -165,7 +180,7 @@ class GradientTracking(GossipAlgorithm):
     def outgoing(self) -> list[Array]:
         tracked = self.correction + self.update
         self.outbox = tensors.concat([self.half + self.correction, tracked])
-        return [self.outbox] * len(self.neighbors)
+        return self._send(self.outbox)
 
     def incoming(self, inbox: list[Array | None]) -> None:
         mixed = self._mix(self.outbox, inbox)
@@ -196,6 +211,7 @@ class Choco(GossipAlgorithm):
     """
 
     name = "choco"
+    local_steps = False  # its correction assumes every step communicates
     compresses = True
     consensus_lr = 0.5
 

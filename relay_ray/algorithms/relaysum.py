@@ -241,6 +241,7 @@ class RelaySumGrad(_RelayAlgorithm):
     """RelaySum/Grad: relay the updates u; x^{t+1} = x^t + (sum of updates seen) / n."""
 
     name = "relaysum-grad"
+    local_steps = False  # relays gradients: a step that sends none would lose them
 
     def _payload(self) -> Array:
         return self.update
