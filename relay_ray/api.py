@@ -87,7 +87,8 @@ def resume(run_dir: str | Path, options: EngineOptions | None = None, *, address
 
 @dataclass
 class Comparison:
-    """Several algorithms on one split and seed: the Markdown table and each run's ``Result``."""
+    """Several algorithms on one split and seed: the Markdown table and each run's ``Result`` (keyed by
+    algorithm, or ``algorithm@topology`` for an algorithm on several topologies)."""
 
     table: str
     results: dict[str, Result]
@@ -98,11 +99,11 @@ def compare(configs: list[RunConfig], options: EngineOptions | None = None, *, o
             address: str | None = None, progress: bool = True) -> Comparison:
     """Run every config one after another on one Ray instance; ``out`` gets compare.md, compare.png
     and a run directory per algorithm."""
-    from relay_ray.comparison import run_comparison
+    from relay_ray.comparison import run_comparison, run_labels
 
     configs = [dataclasses.replace(c, out=None) for c in configs]  # compare places each run in out
     table, summaries, rows = run_comparison(configs, options, out_dir=out, address=address, progress=progress)
-    results = {c.algorithm: _result(c, summaries[c.algorithm], rows.get(c.algorithm, [])) for c in configs}
+    results = {label: _result(c, summaries[label], rows.get(label, [])) for label, c in zip(run_labels(configs), configs)}
     return Comparison(table, results, Path(out) if out else None)
 
 

@@ -236,17 +236,22 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from relay_ray.comparison import compare
+    from relay_ray.comparison import compare, run_labels
 
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    if not algorithms:
+    entries = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    if not entries:
         raise UserError("--algorithms needs at least one algorithm")
-    configs = [RunConfig(**{**_run_settings(args), "algorithm": a, "out": None}) for a in algorithms]
+    configs = []
+    for entry in entries:  # ALGORITHM or ALGORITHM@TOPOLOGY (this run's --topology)
+        algorithm, _, topology = entry.partition("@")
+        own = {"topology": topology, "topology_file": None} if topology else {}
+        configs.append(RunConfig(**{**_run_settings(args), "algorithm": algorithm, **own, "out": None}))
+    labels = run_labels(configs)
     table = compare(configs, engine_options(args), out_dir=args.out, address=args.address, progress=not args.quiet)
     print(table)
     if args.out:
-        print(f"wrote {args.out}/compare.md, compare.png and one run directory per algorithm "
-              f"({', '.join(f'{args.out}/{a}' for a in algorithms)})", file=sys.stderr)
+        print(f"wrote {args.out}/compare.md, compare.png and one run directory per run "
+              f"({', '.join(f'{args.out}/{label}' for label in labels)})", file=sys.stderr)
     return 0
 
 
@@ -297,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Run several algorithms on the same data split and seed; print a Markdown "
                           "table and write OUT/compare.png, OUT/compare.md and one run directory per algorithm.")
     comp.add_argument("--algorithms", default="relaysgd,dsgd,allreduce",
-                      help="comma-separated algorithms (default: relaysgd,dsgd,allreduce)")
+                      help="comma-separated algorithms, each optionally ALGORITHM@TOPOLOGY to run it on its own "
+                           "topology (e.g. dsgd@exponential-one-peer) (default: relaysgd,dsgd,allreduce)")
     add_run_flags(comp, skip=("algorithm",))
     comp.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
     comp.set_defaults(func=cmd_compare)

@@ -44,6 +44,19 @@ def markdown_table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def run_labels(configs: list[RunConfig]) -> list[str]:
+    """Each run's name in the table and its directory: the algorithm, or ``algorithm@topology`` when an
+    algorithm runs on several topologies."""
+    names = [c.algorithm for c in configs]
+    labels = [c.algorithm if names.count(c.algorithm) == 1 else
+              f"{c.algorithm}@{Path(c.topology_file).stem if c.topology_file else c.topology or c.tree}" for c in configs]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise UserError(f"compare lists {repeated[0]} twice; give each run of an algorithm its own topology "
+                        "(ALGORITHM@TOPOLOGY)")
+    return labels
+
+
 def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_dir: str | None = None,
             address: str | None = None, progress: bool = True) -> str:
     """Run every config (same data, split and seed) and return the Markdown table."""
@@ -52,7 +65,9 @@ def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_
 
 def run_comparison(configs: list[RunConfig], options: EngineOptions | None = None, out_dir: str | None = None,
                    address: str | None = None, progress: bool = True) -> tuple[str, dict[str, dict], dict[str, list]]:
-    """``compare``, also returning each algorithm's summary and metrics rows (rows only with ``out_dir``)."""
+    """``compare``, also returning each run's summary and metrics rows (rows only with ``out_dir``), keyed
+    by ``run_labels``."""
+    labels = run_labels(configs)
     if is_uri(out_dir):
         raise UserError(f"compare writes its table and figure into a local folder, not {out_dir}; "
                         "give a local --out (a run's --out may be a storage URI)")
@@ -70,18 +85,18 @@ def run_comparison(configs: list[RunConfig], options: EngineOptions | None = Non
         started_ray = connect(address)
     summaries, rows = {}, {}
     try:
-        for config, experiment in zip(configs, experiments):
+        for label, config, experiment in zip(labels, configs, experiments):
             if out is not None:
-                config.out = str(out / config.algorithm)
+                config.out = str(out / label)
             try:
                 summary = runner.run(config, options, address=address, progress=progress, experiment=experiment)
             except Diverged as exc:  # one diverged algorithm is a result of the comparison, not its end
-                print(f"relay-ray: {config.algorithm}: {exc}", file=sys.stderr)
+                print(f"relay-ray: {label}: {exc}", file=sys.stderr)
                 summary = exc.summary
             summary["layout"] = layout_name(config)
-            summaries[config.algorithm] = summary
+            summaries[label] = summary
             if config.out:
-                rows[config.algorithm] = read_rows(Path(config.out, "metrics.jsonl"))
+                rows[label] = read_rows(Path(config.out, "metrics.jsonl"))
     finally:
         if started_ray:
             import ray
@@ -91,7 +106,7 @@ def run_comparison(configs: list[RunConfig], options: EngineOptions | None = Non
     if out is not None:
         (out / "compare.md").write_text(table + "\n")
         base = configs[0]
-        layouts = ", ".join(f"{c.algorithm}: {layout_name(c)}" for c in configs)
+        layouts = ", ".join(f"{label}: {layout_name(c)}" for label, c in zip(labels, configs))
         plot_curves(rows, out / "compare.png",
                     title=f"{base.dataset} (alpha {base.alpha:g}), {base.num_workers} workers — {layouts}\n"
                           f"{command_stamp()}",
