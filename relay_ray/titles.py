@@ -28,6 +28,8 @@ def layout_name(config) -> str:
         return "complete (exact)"
     if config.uses_trees:
         return f"{config.topology or config.topology_file or 'any link'} / {config.tree}"
+    if config.algorithm == "btpp":
+        return f"{config.branching}-ary tree"
     return config.topology or config.topology_file or "ring"
 
 

@@ -246,6 +246,14 @@ def binary_tree(n: int, mirrored: bool = False) -> nx.Graph:
     return graph
 
 
+def b_ary_tree(n: int, branching: int) -> nx.Graph:
+    """Root 0, parent(k) = (k - 1) // B: the pull/push tree of BTPP (You & Pu 2024)."""
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    graph.add_edges_from(((k - 1) // branching, k) for k in range(1, n))
+    return graph
+
+
 def bfs_tree(graph: nx.Graph) -> nx.Graph:
     """Shortest-path tree from a centre node (minimum eccentricity), using only graph edges.
 

@@ -9,6 +9,7 @@ from relay_ray import tensors
 from relay_ray.algorithms.base import Algorithm, CommPlan
 from relay_ray.algorithms.gossip import D2, DSGD, AllReduce, Choco, DSGDQuasiGlobalMomentum, GradientTracking
 from relay_ray.algorithms.pushsum import SGP
+from relay_ray.algorithms.tracking import BTPP, GlobalUpdateTracking, MomentumTracking, QuasiGlobalGUTMomentum
 from relay_ray.algorithms.relaysum import FILL_RULES, RelaySGD, RelaySGDQuasiGlobalMomentum, RelaySumChannel, RelaySumGrad
 from relay_ray.compression import parse_compression
 from relay_ray.errors import UserError
@@ -19,7 +20,7 @@ from relay_ray.topology import (communication_schedule, is_symmetric, metropolis
 
 _REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (RelaySGD, RelaySGDQuasiGlobalMomentum, RelaySumGrad, AllReduce, DSGD, DSGDQuasiGlobalMomentum, D2, GradientTracking,
-                              Choco, SGP)
+                              Choco, SGP, MomentumTracking, GlobalUpdateTracking, QuasiGlobalGUTMomentum, BTPP)
 }
 COMPRESSING_ALGORITHMS = tuple(name for name, cls in _REGISTRY.items() if cls.compresses)
 ALGORITHMS = tuple(_REGISTRY)
@@ -38,7 +39,7 @@ def build_plan(name: str, graph: nx.Graph, trees: list[nx.Graph], topology: str 
     """The communication plan of algorithm ``name``: trees for relays, the graph for gossip (its
     schedule of mixing weights when ``topology`` is time-varying or directed; push-sum's weights for sgp)."""
     cls = algorithm_class(name)
-    if cls.uses_trees:
+    if cls.uses_trees or cls.own_tree:
         return CommPlan.for_trees(trees)
     if cls is AllReduce:
         n = graph.number_of_nodes()

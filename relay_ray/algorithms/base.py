@@ -101,6 +101,7 @@ class Algorithm:
     name = "base"
     uses_trees = False
     compresses = False  # takes --compression
+    own_tree = False  # talks over its own B-ary tree (--branching), not relay trees (btpp)
     push_sum = False  # mixes with push-sum's column stochastic weights (sgp)
     time_varying = False  # runs on a time-varying or directed plan (``CommPlan.schedule``)
     local_steps = True  # may take plain local steps between communications (--local-steps)
