@@ -136,13 +136,24 @@ class QuasiGlobalGUTMomentum(GlobalUpdateTracking):
         return self.optimizer.momentum
 
 
+def _parents(tree: tuple[tuple[int, ...], ...]) -> dict[int, int | None]:
+    """Each worker's parent in the tree rooted at 0 (breadth-first)."""
+    parents, frontier = {0: None}, [0]
+    for node in frontier:
+        for child in tree[node]:
+            if child not in parents:
+                parents[child] = node
+                frontier.append(child)
+    return parents
+
+
 class BTPP(Algorithm):
     """B-ary tree push-pull (You & Pu 2024, arXiv:2404.05454; ryou98/BTPP, ``pushpull.py`` and
     ``topology/topo_pp.py``): on the B-ary tree with parent(k) = (k − 1) // B and root 0,
 
         x^{t+1} = R (x^t − γ y^t),     y^{t+1} = C y^t + g(x^{t+1}) − g(x^t),     y^0 = g(x^0)
 
-    R pulls down the tree (the root keeps its own x, every other worker takes its parent's x − γy)
+    R pulls down the tree (rooted at 0, whatever tree the plan holds; the root keeps its own x, every other worker takes its parent's x − γy)
     and C = R^T pushes up (a worker's y becomes the sum of its children's plus its gradient change;
     the root also keeps its own), so the root's y tracks the sum of all n gradients: γ = lr / n, as in
     the authors' code.  One vector crosses each tree edge per step in each direction.  The local
@@ -157,7 +168,7 @@ class BTPP(Algorithm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.parent = min(self.neighbors) if self.rank and self.neighbors else None
+        self.parent = _parents(self.plan.tree_neighbors[0])[self.rank]
         self.weight_decay, self.optimizer.weight_decay = self.optimizer.weight_decay, 0.0  # g carries it
         self.pushed = tensors.zeros_like(self.params)  # (C y^{t-1})_i
         self.last_grad = tensors.zeros_like(self.params)
