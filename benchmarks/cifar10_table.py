@@ -68,9 +68,17 @@ VARIANTS = {
                                                  momentum=0.0),
     "RelaySGD binary": dict(algorithm="relaysgd", tree="binary", momentum=0.0),
     "RelaySGD-QGM double-binary": dict(algorithm="relaysgd-qgm", tree="double-binary", momentum=0.9),
+    # the newer competitors (issue 15), momentum as their authors run them
+    "SGP exponential-one-peer": dict(algorithm="sgp", topology="exponential-one-peer", momentum=0.9),
+    "D-SGD exponential-one-peer": dict(algorithm="dsgd", topology="exponential-one-peer", momentum=0.0),
+    "momentum tracking ring": dict(algorithm="momentum-tracking", topology="ring", momentum=0.9),
+    "QG-GUTm ring": dict(algorithm="qg-gutm", topology="ring", momentum=0.9),
+    "BTPP binary": dict(algorithm="btpp", branching=2, momentum=0.0),
 }
 # RelaySGD-QGM, the best lr-cap variant, is a default row (beside RelaySGD as published); the rest are opt-in
-EXTRA_ROWS = ("RelaySGD star", "RelaySGD double-binary, fill current", "RelaySGD binary")
+COMPETITOR_ROWS = ("SGP exponential-one-peer", "D-SGD exponential-one-peer", "momentum tracking ring", "QG-GUTm ring",
+                   "BTPP binary")
+EXTRA_ROWS = ("RelaySGD star", "RelaySGD double-binary, fill current", "RelaySGD binary") + COMPETITOR_ROWS
 PAPER_ROWS = [label for label in VARIANTS if label not in EXTRA_ROWS]
 # The centre of each variant's first lr grid (centre / 2, centre, 2 x centre): the earlier CPU
 # table's picks.  RelaySGD's lr is multiplied by its tree's correction (--lr-correction auto).
@@ -78,7 +86,9 @@ START_LR = {"all-reduce": 0.2, "all-reduce + momentum": 0.1, "RelaySGD chain": 0
             "RelaySGD chain + momentum": 0.05, "RelaySGD double-binary": 0.1,
             "RelaySGD double-binary + momentum": 0.05, "D-SGD ring": 0.05, "D-SGD + QGM ring": 0.2,
             "D² ring": 0.1, "RelaySGD star": 0.2, "RelaySGD double-binary, fill current": 0.1,
-            "RelaySGD binary": 0.1, "RelaySGD-QGM double-binary": 0.05}
+            "RelaySGD binary": 0.1, "RelaySGD-QGM double-binary": 0.05, "SGP exponential-one-peer": 0.1,
+            "D-SGD exponential-one-peer": 0.05, "momentum tracking ring": 0.05, "QG-GUTm ring": 0.1,
+            "BTPP binary": 0.2}
 WARMUP_FRACTION = 5 / 200  # the paper: 5 of 200 epochs
 DECAY_AT = [0.75, 0.9]  # the paper: epochs 150 and 180 of 200
 # DESIGN §7: VGG-11 / 200 epochs, worst worker, 3 seeds; alpha = 1 / 0.1 / 0.01 (all-reduce is iid-independent)
