@@ -136,13 +136,22 @@ def test_last_fill_keeps_counts_exact_and_equals_x0_on_reliable_links():
     assert rows[0]["consensus_distance"] == rows[1]["consensus_distance"]
 
 
-@pytest.mark.parametrize("algorithm,fill", [("relaysgd", "x0"), ("relaysgd", "current"), ("relaysgd", "last"),
-                                            ("relaysgd-qgm", "current")])
-def test_resume_under_drops_gives_the_same_numbers_for_each_fill(algorithm, fill, tmp_path):
-    """The fill state (current model, the last message per edge) and QGM's buffer travel in the checkpoint."""
-    settings = dict(algorithm=algorithm, tree="double-binary", num_workers=6, dataset="digits", model="logreg",
-                    alpha=0.1, steps=60, eval_every=10, checkpoint_every=30, drop_prob=0.2, relay_fill=fill,
-                    backend="local", seed=3, momentum=0.9)
+RESUME_CASES = [("relaysgd", dict(relay_fill="x0")), ("relaysgd", dict(relay_fill="current")),
+                ("relaysgd", dict(relay_fill="last")), ("relaysgd-qgm", dict(relay_fill="current")),
+                # the competitors' state (push-sum weight, trackers), a time-varying plan whose phase the
+                # step carries, and a checkpoint in the middle of a --local-steps period (30 = 4 * 7 + 2)
+                ("sgp", dict(topology="exponential-one-peer")), ("momentum-tracking", dict(topology="ring")),
+                ("qg-gutm", dict(topology="ring")), ("btpp", {}), ("relaysgd", dict(local_steps=4))]
+
+
+@pytest.mark.parametrize("algorithm,overrides", RESUME_CASES,
+                         ids=[f"{a}-{'-'.join(map(str, o.values()))}" for a, o in RESUME_CASES])
+def test_resume_under_drops_gives_the_same_numbers(algorithm, overrides, tmp_path):
+    """The fill state (current model, the last message per edge), QGM's buffer and every algorithm's
+    own state travel in the checkpoint."""
+    settings = dict(algorithm=algorithm, num_workers=6, dataset="digits", model="logreg", alpha=0.1, steps=60,
+                    eval_every=10, checkpoint_every=30, drop_prob=0.2, backend="local", seed=3, momentum=0.9,
+                    **({"tree": "double-binary"} if algorithm.startswith("relay") else {}), **overrides)
     full = tmp_path / "full"
     simulate(RunConfig(**settings, out=str(full)), progress=False)
     cut = tmp_path / "cut"

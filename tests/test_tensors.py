@@ -18,8 +18,11 @@ ALGORITHM_LAYOUTS = [("relaysgd", dict(tree="double-binary")), ("relaysgd", dict
                      ("relaysgd", dict(tree="double-binary", relay_fill="last")),
                      ("relaysum-grad", dict(tree="double-binary")), ("allreduce", {}), ("dsgd", dict(topology="ring")),
                      ("dsgd-qgm", dict(topology="ring")), ("d2", dict(topology="ring")),
-                     ("gradient-tracking", dict(topology="chain")), ("relaysgd-qgm", dict(tree="double-binary"))]
-IDS = [f"{a}-{'-'.join(layout.values()) or 'exact'}" for a, layout in ALGORITHM_LAYOUTS]
+                     ("gradient-tracking", dict(topology="chain")), ("relaysgd-qgm", dict(tree="double-binary")),
+                     ("sgp", dict(topology="star")), ("momentum-tracking", dict(topology="exponential-one-peer")),
+                     ("qg-gutm", dict(topology="ring")), ("btpp", dict(branching=3)),
+                     ("relaysgd", dict(tree="double-binary", local_steps=3))]
+IDS = [f"{a}-{'-'.join(map(str, layout.values())) or 'exact'}" for a, layout in ALGORITHM_LAYOUTS]
 
 
 def _run_group(experiment, steps: int) -> list:
