@@ -133,12 +133,20 @@ def _run(settings: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     from relay_ray.simulate import simulate
 
+    from relay_ray.errors import Diverged
+
     started = time.perf_counter()
-    summary = simulate(RunConfig.from_dict({**settings, "backend": "local"}), progress=False)
+    try:
+        summary = simulate(RunConfig.from_dict({**settings, "backend": "local"}), progress=False)
+    except Diverged:  # a result of the lr search (too large an lr), not the end of the table
+        return {"test_acc_worst": float("nan"), "test_acc_mean": float("nan"), "test_acc_avg_model": float("nan"),
+                "consensus_distance": float("nan"), "bytes_sent_per_worker": None, "steps": None,
+                "wall_s": time.perf_counter() - started, "diverged": True}
     final, averaged = summary["final"], summary["final_evals"]  # averaged: the paper's metric (--final-evals)
     return {"test_acc_worst": averaged["test_acc_worst"], "test_acc_mean": averaged["test_acc_mean"],
             "test_acc_avg_model": final["test_acc_avg_model"], "consensus_distance": final["consensus_distance"],
-            "bytes_sent_per_worker": final.get("bytes_sent_per_worker"), "steps": summary["steps"], "wall_s": time.perf_counter() - started}
+            "bytes_sent_per_worker": final.get("bytes_sent_per_worker"), "steps": summary["steps"],
+            "wall_s": time.perf_counter() - started, "diverged": False}
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, out: str) -> None:
@@ -194,7 +202,7 @@ def best_lrs(tuning: pd.DataFrame) -> pd.DataFrame:
     edge of the lrs tried."""
     rows = []
     for (label, alpha), group in tuning.groupby(["label", "alpha"], sort=False):
-        best = group.loc[group["test_acc_mean"].idxmax()]
+        best = group.loc[group["test_acc_mean"].fillna(-1.0).idxmax()]  # a diverged run (NaN) is never the best
         rows.append({"label": label, "alpha": alpha, "lr": best["lr"],
                      "edge": grid_edge(best["lr"], sorted(group["lr"].unique()))})
     return pd.DataFrame(rows)
