@@ -141,6 +141,8 @@ def ignored_flags(config: RunConfig, given: set[str]) -> list[str]:
     if not config.uses_trees:
         notes += [f"--{name.replace('_', '-')} applies to relay algorithms only, not --algorithm {config.algorithm}"
                   for name in ("tree", "lr_correction", "relay_fill") if name in given]
+    if "branching" in given and config.algorithm != "btpp":
+        notes.append(f"--branching applies to --algorithm btpp only, not --algorithm {config.algorithm}")
     if "consensus_lr" in given and config.algorithm != "choco":
         notes.append(f"--consensus-lr applies to --algorithm choco only, not --algorithm {config.algorithm}")
     if config.algorithm == "allreduce" and given & {"topology", "topology_file"}:

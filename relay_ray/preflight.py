@@ -181,7 +181,7 @@ def estimate_memory(config: RunConfig, options: EngineOptions, num_cpus: int | N
     degree = 2 * edges / n
     if not config.uses_trees:  # one array to every neighbour: a copy per receiving actor, not per neighbour
         degree = min(degree, max(num_actors, 1))
-    vectors = degree * (2 if config.algorithm == "gradient-tracking" else 1)
+    vectors = degree * (2 if config.algorithm in ("gradient-tracking", "momentum-tracking") else 1)
     per_worker = (4 * num_params * (STATE_COPIES + (COPIES_PER_NEIGHBOR + options.window) * vectors)
                   + 16 * shard + 8 * test)
     dense = 8 * n ** 2

@@ -17,6 +17,7 @@ import numpy as np
 from relay_ray.algorithms import AllReduce, CommPlan, algorithm_class
 from relay_ray.errors import UserError
 from relay_ray.experiment import Experiment
+from relay_ray.titles import layout_name
 from relay_ray.topology import metropolis_hastings_weights, spanning_trees, topology_stats
 
 
@@ -46,6 +47,9 @@ def survivor_plan(experiment: Experiment, members: list[int]) -> SurvivorPlan:
     local = {rank: i for i, rank in enumerate(members)}
     given = (config.topology is not None or config.topology_file is not None) and config.algorithm != "allreduce"
     cls = algorithm_class(config.algorithm)
+    if cls.own_tree or experiment.plan.schedule:
+        raise CannotRespan(f"{config.algorithm} on {layout_name(config)} has no plan for the survivors (its tree or "
+                           "schedule is fixed by the worker count)")
     if cls is AllReduce:
         graph = nx.complete_graph(n_alive)
     elif given or not cls.uses_trees:

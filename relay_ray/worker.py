@@ -137,7 +137,7 @@ class Worker:
         self.spec = dataclasses.replace(self.spec, plan=plan, lr_scale=lr_scale)
         relay_fill = fill if hasattr(self.algorithm, "fill") else None
         self.algorithm = make_algorithm(self.config.algorithm, self.rank, plan, params, self.config.momentum,
-                                        self.config.weight_decay, relay_fill)
+                                        self.config.weight_decay, relay_fill, consensus_lr=self.config.consensus_lr)
         self.algorithm.optimizer.load_state_dict(optimizer)
 
     def adopt(self, params: np.ndarray, step: int) -> None:

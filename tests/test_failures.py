@@ -132,6 +132,23 @@ def test_survivor_plan_refuses_a_topology_that_falls_apart():
         survivor_plan(experiment, [0, 1, 2, 4, 5, 6, 7])
 
 
+@pytest.mark.parametrize("overrides", [dict(algorithm="btpp"), dict(algorithm="dsgd", topology="exponential-one-peer"),
+                                       dict(algorithm="sgp", topology="exponential-directed")])
+def test_survivor_plan_refuses_plans_fixed_by_the_worker_count(overrides):
+    """BTPP's B-ary tree and the exponential schedules have no survivors' version: the engine restarts."""
+    with pytest.raises(CannotRespan, match="no plan for the survivors"):
+        survivor_plan(_experiment(**overrides), [0, 1, 2, 3, 4, 5, 6])
+
+
+def test_a_reconfigured_worker_keeps_its_consensus_lr():
+    from relay_ray.worker import Worker
+
+    experiment = _experiment(algorithm="choco", topology="ring", consensus_lr=0.9)
+    worker = Worker(experiment.worker_spec(0), experiment.task_data)
+    worker.reconfigure(survivor_plan(experiment, [0, 1, 2, 3, 4, 5, 6]).plan, 1.0, None)
+    assert worker.algorithm.consensus_lr == 0.9
+
+
 def test_on_failure_is_checked():
     with pytest.raises(UserError, match="on_failure"):
         EngineOptions(on_failure="ignore")
