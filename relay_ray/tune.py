@@ -287,6 +287,8 @@ def _topology_label(row) -> str:
         return topology
     if row.get("algorithm") == "allreduce":
         return "complete"
+    if row.get("algorithm") == "btpp":
+        return f"{int(row.get('branching') or 2)}-ary tree"
     if row.get("algorithm") in TREE_ALGORITHMS:
         tree = row.get("tree") or "auto"
         return f"{'chain' if tree == 'auto' else tree} tree"  # auto without a graph relays over a chain
