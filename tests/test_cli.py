@@ -61,6 +61,9 @@ def bad_files(tmp_path_factory):
 
 BAD_INPUTS = [
     (["--algorithm", "sgdx"], "unknown algorithm 'sgdx'"),
+    (["--algorithm", "relaysgd", "--topology", "exponential-one-peer"], "changes with the step; relaysgd needs"),
+    (["--algorithm", "d2", "--local-steps", "4"], "--local-steps > 1 is for"),
+    (["--algorithm", "btpp", "--topology", "ring"], "btpp's 2-ary tree needs edge 0-2"),
     (["--topology", "hypercube"], "unknown topology 'hypercube'"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--workers", "1"], "at least 2"),
@@ -171,6 +174,17 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(ray, "init", refuse)
     yield
     assert not ray.is_initialized()
+
+
+def test_compare_runs_an_algorithm_on_its_own_topologies(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--algorithms", "dsgd@ring,dsgd@exponential-one-peer,btpp", "--dataset",
+                     "quadratics", "--steps", "8", "--backend", "local", "--quiet", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| dsgd@ring | ring |" in table and "| dsgd@exponential-one-peer | exponential-one-peer |" in table
+    assert "| btpp | 2-ary tree |" in table
+    for label in ("dsgd@ring", "dsgd@exponential-one-peer", "btpp"):
+        assert json.loads((out / label / "summary.json").read_text())["steps"] == 8
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(_row_args(row)) for row in BAD_INPUTS])
