@@ -16,8 +16,7 @@ from relay_ray.algorithms import CommPlan, build_plan
 from relay_ray.config import RunConfig
 from relay_ray.data import ArrayDataset, dirichlet_partition, load_dataset, paper_partition
 from relay_ray.quadratics import QuadraticsTask, make_quadratics
-from relay_ray.errors import UserError
-from relay_ray.topology import TopologyStats, b_ary_tree, make_graph, spanning_trees, topology_stats
+from relay_ray.topology import TopologyStats, b_ary_tree, check_tree_in_graph, make_graph, spanning_trees, topology_stats
 
 
 @dataclass
@@ -62,10 +61,8 @@ def build_topology(config: RunConfig) -> tuple[nx.Graph, list[nx.Graph]]:
         if config.topology_file is None and config.topology is None:
             return tree, [tree]
         graph = make_graph(config.topology or "file", n, config.topology_file)
-        missing = [e for e in tree.edges if not graph.has_edge(*e)]
-        if missing:
-            raise UserError(f"btpp's {config.branching}-ary tree needs edge {missing[0][0]}-{missing[0][1]} that "
-                            "the topology lacks; drop --topology (btpp talks over its tree only) or use complete")
+        check_tree_in_graph(tree, graph, f"btpp's {config.branching}-ary tree",
+                            "drop --topology (btpp talks over its tree only) or use complete")
         return graph, [tree]
     if config.topology_file is not None or config.topology is not None:
         graph = make_graph(config.topology or "file", n, config.topology_file)

@@ -49,7 +49,7 @@ def survivor_plan(experiment: Experiment, members: list[int]) -> SurvivorPlan:
     cls = algorithm_class(config.algorithm)
     if cls.own_tree or experiment.plan.schedule:
         raise CannotRespan(f"{config.algorithm} on {layout_name(config)} has no plan for the survivors (its tree or "
-                           "schedule is fixed by the worker count)")
+                           "mixing schedule is built for all the workers)")
     if cls is AllReduce:
         graph = nx.complete_graph(n_alive)
     elif given or not cls.uses_trees:

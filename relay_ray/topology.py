@@ -276,6 +276,13 @@ def bfs_tree(graph: nx.Graph) -> nx.Graph:
     return tree
 
 
+def check_tree_in_graph(tree: nx.Graph, graph: nx.Graph, what: str, hint: str) -> None:
+    """One line naming the first edge of ``tree`` that ``graph`` lacks."""
+    missing = next((e for e in tree.edges if not graph.has_edge(*e)), None)
+    if missing is not None:
+        raise UserError(f"{what} needs edge {missing[0]}-{missing[1]} that the topology lacks; {hint}")
+
+
 def spanning_trees(kind: str, graph: nx.Graph, graph_given: bool = True) -> list[nx.Graph]:
     """The tree(s) RelaySum relays over: one tree, or two for ``double-binary``.
 
@@ -297,12 +304,8 @@ def spanning_trees(kind: str, graph: nx.Graph, graph_given: bool = True) -> list
         trees = [bfs_tree(graph)]
     if graph_given:
         for tree in trees:
-            missing = [e for e in tree.edges if not graph.has_edge(*e)]
-            if missing:
-                raise UserError(
-                    f"tree {kind!r} needs edge {missing[0][0]}-{missing[0][1]} that the topology lacks; "
-                    "use --tree bfs (a tree of the given topology) or --topology complete"
-                )
+            check_tree_in_graph(tree, graph, f"tree {kind!r}",
+                                "use --tree bfs (a tree of the given topology) or --topology complete")
     for tree in trees:
         assert nx.is_tree(tree), "spanning tree construction produced a non-tree"
     return trees

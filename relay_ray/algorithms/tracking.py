@@ -39,7 +39,6 @@ class MomentumTracking(GossipAlgorithm):
     def local_step(self, grad: Array, lr: float) -> None:
         g = grad + self.optimizer.weight_decay * self.params if self.optimizer.weight_decay else grad
         self.optimizer.buffer = tensors.float32(self.optimizer.momentum * self.optimizer.buffer + g)  # v
-        self.lr = lr
         self.update = tensors.float32(-lr * (self.optimizer.buffer - self.correction))
 
     def outgoing(self) -> list[Array]:
@@ -100,7 +99,6 @@ class GlobalUpdateTracking(GossipAlgorithm):
         tracked = delta - mu * previous["delta"] + mu * mixed_momentum - mu * (1 + beta) * previous["gossip"] / lr
         self.optimizer.buffer = tensors.float32(beta * self.optimizer.buffer + tracked)
         self.half = tensors.float32(self.raw - lr * self.optimizer.buffer)
-        self.update = self.half - self.params
         self.previous = {"delta": tensors.float32(delta), "gossip": self.gossip, "mixed": self.params}
         self.previous_lr = lr
 
@@ -153,8 +151,8 @@ class BTPP(Algorithm):
 
         x^{t+1} = R (x^t − γ y^t),     y^{t+1} = C y^t + g(x^{t+1}) − g(x^t),     y^0 = g(x^0)
 
-    R pulls down the tree (rooted at 0, whatever tree the plan holds; the root keeps its own x, every other worker takes its parent's x − γy)
-    and C = R^T pushes up (a worker's y becomes the sum of its children's plus its gradient change;
+    R pulls down the tree rooted at 0 (the root keeps its own x, every other worker takes its parent's
+    x − γy) and C = R^T pushes up (a worker's y becomes the sum of its children's plus its gradient change;
     the root also keeps its own), so the root's y tracks the sum of all n gradients: γ = lr / n, as in
     the authors' code.  One vector crosses each tree edge per step in each direction.  The local
     optimizer's momentum (Nesterov, as every algorithm here) acts on y, as in the authors' ``btpp.py``;
