@@ -128,24 +128,29 @@ def test_ray_with_compression_equals_local(ray_local, algorithm, layout, spec, t
 
 
 # the competitors, time-varying routing and --local-steps: uneven groups, lossy links, a checkpoint
-COMPETITOR_CASES = [("dsgd", dict(topology="exponential-one-peer")), ("sgp", dict(topology="exponential-directed")),
-                    ("sgp", dict(topology="exponential-one-peer")), ("momentum-tracking", dict(topology="ring")),
-                    ("gut", dict(topology="ring")), ("qg-gutm", dict(topology="ring")), ("btpp", dict(branching=3)),
-                    ("relaysgd", dict(tree="double-binary", local_steps=4)), ("allreduce", dict(local_steps=4))]
+# the actors hold torch state in every other case (the simulator always numpy): each new algorithm's
+# own torch state is checked against numpy in test_tensors, the engine's routing of it here
+COMPETITOR_CASES = [("dsgd", dict(topology="exponential-one-peer"), "torch"),
+                    ("sgp", dict(topology="exponential-directed"), "numpy"),
+                    ("sgp", dict(topology="exponential-one-peer"), "torch"),
+                    ("momentum-tracking", dict(topology="ring"), "torch"), ("gut", dict(topology="ring"), "torch"),
+                    ("qg-gutm", dict(topology="ring"), "torch"),
+                    ("btpp", dict(branching=3), "torch"), ("relaysgd", dict(tree="double-binary", local_steps=4), "torch"),
+                    ("allreduce", dict(local_steps=4), "numpy")]
 
 
-@pytest.mark.parametrize("algorithm,layout", COMPETITOR_CASES,
-                         ids=[f"{a}-{'-'.join(map(str, l.values()))}" for a, l in COMPETITOR_CASES])
-def test_ray_equals_local_for_the_competitors(ray_local, algorithm, layout, tmp_path):
+@pytest.mark.parametrize("algorithm,layout,kind", COMPETITOR_CASES,
+                         ids=[f"{a}-{'-'.join(map(str, l.values()))}-{k}" for a, l, k in COMPETITOR_CASES])
+def test_ray_equals_local_for_the_competitors(ray_local, algorithm, layout, kind, tmp_path):
     """The step-dependent plans route the same on both backends: the messages a step does not use
     are empty on both, and bytes count what was sent."""
-    config = _config(algorithm, layout, drop_prob=0.1, checkpoint_every=10)
+    config = _config(algorithm, layout, drop_prob=0.1, checkpoint_every=10, tensors=kind)
     engine = _engine(config, 3)
     try:
         ray_rows = _ray_rows(engine, config, tmp_path)
     finally:
         engine.shutdown()
-    local_rows = _local_rows(RunConfig(**{**config.to_dict(), "checkpoint_every": None}), tmp_path)
+    local_rows = _local_rows(RunConfig(**{**config.to_dict(), "checkpoint_every": None, "tensors": "numpy"}), tmp_path)
     _assert_same_rows(ray_rows, local_rows)
     assert ray_rows[-1]["bytes_sent_per_worker"] == local_rows[-1]["bytes_sent_per_worker"] > 0
 
