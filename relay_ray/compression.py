@@ -16,6 +16,11 @@ An encoded message is one flat float32 array (its bytes are the wire format, pad
 it travels, is counted (``bytes_sent``) and dropped like any other message.  Randomness is drawn from
 (seed, step, sender, receiver): every backend, and a resumed run, compresses identically.
 
+Vectors may be numpy arrays or torch tensors (``--tensors torch``): a tensor is encoded and decoded
+where it lives, into the same bytes numpy gives.  The random draws (randk's indices, qsgd's
+rounding) still come from the numpy generator on the host and are copied to the device, so both
+kinds draw the same numbers; topk breaks ties at its threshold by the lower index on both.
+
 Error feedback needs a *contractive* compressor (E‖C(v) − v‖² ≤ (1 − δ)‖v‖², δ > 0).  ``contractive``
 gives one for every spec: itself for topk and sign, and the unbiased ones scaled by 1/(1 + ω)
 (Koloskova et al. 2019, arXiv:1902.00340, Remark 3.2; Stich et al. 2018): randk then sends v_i itself.
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from relay_ray import tensors
 from relay_ray.errors import UserError
 
 KINDS = ("topk", "randk", "sign", "qsgd")
@@ -99,16 +105,18 @@ class Compressor:
             return 1 + (d + 31) // 32
         return 1 + (d + 3) // 4  # qsgd
 
-    def encode(self, v: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    def encode(self, v, rng: np.random.Generator | None = None):
+        if tensors.is_torch(v):
+            return self._encode_torch(v.float(), rng)
         v = np.asarray(v, dtype=np.float32)
         d = v.shape[0]
         if self.kind in ("topk", "randk"):
             k = self.count(d)
             if self.kind == "topk":
-                index = np.sort(np.argpartition(np.abs(v), d - k)[d - k:]) if k < d else np.arange(d)
+                index = _top_indices(np.abs(v), k)
                 values = v[index]
             else:
-                index = np.sort(rng.choice(d, size=k, replace=False))
+                index = _random_indices(d, k, rng)
                 values = v[index] * np.float32(self.scale * d / k)
             return np.concatenate([index.astype(np.uint32).view(np.float32), values.astype(np.float32)])
         if self.kind == "sign":
@@ -124,7 +132,36 @@ class Compressor:
             levels = (lower + (rng.random(d) < ratio - lower)).astype(np.int8) * np.where(v < 0, -1, 1).astype(np.int8)
         return np.concatenate([np.array([norm], np.float32), _padded(levels.view(np.uint8), 4).view(np.float32)])
 
-    def decode(self, message: np.ndarray, d: int) -> np.ndarray:
+    def _encode_torch(self, v, rng):
+        """``encode`` where ``v`` lives (the same bytes); only the random draws cross from the host."""
+        import torch
+
+        d = v.shape[0]
+        if self.kind in ("topk", "randk"):
+            k = self.count(d)
+            if self.kind == "topk":
+                index = _top_indices(v.abs(), k)
+                values = v[index]
+            else:
+                index = torch.from_numpy(_random_indices(d, k, rng)).to(v.device, non_blocking=True)
+                values = v[index] * _scalar32(self.scale * d / k, v)
+            # indices < 2**31: int32 has the bits of numpy's uint32
+            return torch.cat([index.to(torch.int32).view(torch.float32), values])
+        if self.kind == "sign":
+            scale = (v.abs().double().sum() / d).float().reshape(1)
+            return torch.cat([scale, _packbits(v >= 0).view(torch.float32)])
+        norm = torch.linalg.vector_norm(v.double()).float()
+        positive = norm > 0  # no branch on it: reading it on the host would wait for the GPU
+        ratio = v.abs().double() / torch.where(positive, norm, 1).double() * self.levels
+        lower = ratio.floor()
+        draw = torch.from_numpy(rng.random(d)).to(v.device, non_blocking=True)
+        sign = torch.where(v < 0, -1, 1).to(torch.int8)
+        levels = torch.where(positive, (lower + (draw < ratio - lower)).to(torch.int8) * sign, 0).to(torch.int8)
+        return torch.cat([norm.reshape(1), _padded_bytes(levels.view(torch.uint8)).view(torch.float32)])
+
+    def decode(self, message, d: int):
+        if tensors.is_torch(message):
+            return self._decode_torch(message, d)
         message = np.asarray(message, dtype=np.float32)
         dense = np.zeros(d, np.float32)
         if self.kind in ("topk", "randk"):
@@ -137,7 +174,22 @@ class Compressor:
         levels = message[1:].view(np.int8)[:d].astype(np.float32)
         return (message[0] * np.float32(self.scale / self.levels)) * levels
 
-    def roundtrip(self, v: np.ndarray, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _decode_torch(self, message, d: int):
+        import torch
+
+        if self.kind in ("topk", "randk"):
+            k = self.count(d)
+            dense = message.new_zeros(d)
+            dense[message[:k].view(torch.int32).long()] = message[k:2 * k]
+            return dense
+        if self.kind == "sign":
+            shifts = torch.arange(7, -1, -1, device=message.device, dtype=torch.uint8)
+            bits = (message[1:].view(torch.uint8).unsqueeze(1) >> shifts) & 1  # np.unpackbits: high bit first
+            return message[0] * (bits.reshape(-1)[:d].float() * 2 - 1)
+        levels = message[1:].view(torch.int8)[:d].float()
+        return (message[0] * _scalar32(self.scale / self.levels, message)) * levels
+
+    def roundtrip(self, v, rng: np.random.Generator | None = None) -> tuple:
         """(encoded message, the dense vector the receiver decodes): the sender keeps the same copy."""
         message = self.encode(v, rng)
         return message, self.decode(message, v.shape[0])
@@ -146,6 +198,63 @@ class Compressor:
 def _padded(data: np.ndarray, multiple: int) -> np.ndarray:
     extra = (-data.shape[0]) % multiple
     return np.concatenate([data, np.zeros(extra, data.dtype)]) if extra else data
+
+
+def _padded_bytes(data):
+    """A uint8 tensor padded with zeros to whole float32 slots (``_padded(data, 4)`` on torch)."""
+    return _zero_padded(data, 4)
+
+
+def _zero_padded(data, multiple: int):
+    import torch
+
+    extra = (-data.shape[0]) % multiple
+    return torch.cat([data, data.new_zeros(extra)]) if extra else data
+
+
+def _packbits(bits):
+    """``np.packbits`` of a bool tensor (high bit first, zero-padded), padded to whole float32 slots."""
+    import torch
+
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
+    octets = _zero_padded(bits, 8).view(-1, 8).to(torch.uint8)
+    return _padded_bytes((octets * weights).sum(dim=1, dtype=torch.uint8))
+
+
+def _scalar32(value: float, like):
+    """``np.float32(value)`` as a 0-d tensor, so torch multiplies in float32 exactly as numpy does."""
+    import torch
+
+    return torch.tensor(float(np.float32(value)), dtype=torch.float32, device=like.device)
+
+
+def _top_indices(magnitudes, k: int):
+    """The sorted indices of the ``k`` largest magnitudes, ties at the threshold going to the lower
+    indices, so numpy and torch pick the same set (``argpartition`` alone leaves ties unspecified)."""
+    d = magnitudes.shape[0]
+    if isinstance(magnitudes, np.ndarray):
+        if k >= d:
+            return np.arange(d)
+        threshold = np.partition(magnitudes, d - k)[d - k]
+        chosen = magnitudes >= threshold
+        if np.count_nonzero(chosen) > k:  # a tie at the threshold: its lower indices only
+            above, tied = magnitudes > threshold, magnitudes == threshold
+            chosen = above | (tied & (np.cumsum(tied) <= k - np.count_nonzero(above)))
+        return np.flatnonzero(chosen)
+    import torch
+
+    if k >= d:
+        return torch.arange(d, device=magnitudes.device)
+    threshold = torch.topk(magnitudes, k, sorted=False).values.min()
+    chosen = magnitudes >= threshold
+    if int(chosen.sum()) > k:  # the host waits here, as it does for nonzero's size below
+        above, tied = magnitudes > threshold, magnitudes == threshold
+        chosen = above | (tied & (tied.cumsum(0) <= k - above.sum()))
+    return torch.nonzero(chosen).flatten()
+
+
+def _random_indices(d: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(d, size=k, replace=False))
 
 
 def edge_rng(seed: int, step: int, sender: int, receiver: int, part: int = 0) -> np.random.Generator:
@@ -163,11 +272,12 @@ class Differential:
     both.  A lost message changes neither end (the sender knows the seeded drop, see ``relay_ray.links``).
     ``compressor`` None: the difference travels dense (exact; what CHOCO with Q = identity does)."""
 
-    def __init__(self, start: np.ndarray):
-        self.copy = np.array(start, dtype=np.float32, copy=True)
+    def __init__(self, start):
+        self.copy = tensors.clone(tensors.float32(start)) if tensors.is_torch(start) \
+            else np.array(start, dtype=np.float32, copy=True)
 
-    def send(self, v: np.ndarray, compressor: Compressor | None, rng, delivered: bool) -> np.ndarray:
-        difference = np.asarray(v, dtype=np.float32) - self.copy
+    def send(self, v, compressor: Compressor | None, rng, delivered: bool):
+        difference = tensors.float32(v) - self.copy
         if compressor is None:
             message, decoded = difference, difference
         else:
@@ -176,7 +286,7 @@ class Differential:
             self.copy += decoded
         return message
 
-    def receive(self, message: np.ndarray | None, compressor: Compressor | None) -> np.ndarray:
+    def receive(self, message, compressor: Compressor | None):
         if message is not None:
             self.copy += message if compressor is None else compressor.decode(message, self.copy.shape[0])
         return self.copy

@@ -293,8 +293,6 @@ class RunConfig:
             if self.algorithm not in COMPRESSING_ALGORITHMS:
                 raise UserError(f"--compression applies to {', '.join(COMPRESSING_ALGORITHMS)}, not --algorithm "
                                 f"{self.algorithm}")
-            if self.tensor_kind == "torch":
-                raise UserError("--compression runs on host (numpy) state; use --tensors numpy")
         if not 0 < self.consensus_lr <= 1:
             raise UserError(f"--consensus-lr must be in (0, 1], got {self.consensus_lr}")
         self._validate_communication()

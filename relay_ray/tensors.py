@@ -45,6 +45,11 @@ def float32(x: Array) -> Array:
     return x.float() if is_torch(x) else x.astype(np.float32, copy=False)
 
 
+def float64(x: Array) -> Array:
+    """``x`` widened to float64, as numpy widens a float32 array mixed with float64 weights."""
+    return x.double() if is_torch(x) else x.astype(np.float64)
+
+
 def like(value, reference: Array) -> Array:
     """``value`` (numpy, torch or a list) as a float32 array of ``reference``'s kind and device.
 

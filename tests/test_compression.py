@@ -203,10 +203,34 @@ def test_compression_cuts_the_bytes_by_the_encoded_size(tmp_path):
     assert ratio == pytest.approx((325 + 1) / (2 * Compressor.parse("topk:0.1").count(325) + 1), rel=1e-12)
 
 
+@pytest.mark.parametrize("spec", SPECS + ("topk:0.5", "qsgd:127"))
+@pytest.mark.parametrize("d", [1000, 997])
+def test_torch_vectors_encode_to_the_bytes_numpy_gives(spec, d):
+    """A torch vector is encoded where it lives into numpy's wire bytes and decodes to the same
+    floats: ties at topk's threshold (repeated magnitudes, zeros) go to the lower indices on both."""
+    import torch
+
+    compressor = Compressor.parse(spec).contractive(d)
+    v = np.round(_vector(3, d) * 2) / 2  # many equal magnitudes and zeros
+    v[:40] = 0.0
+    on_host = compressor.encode(v, edge_rng(1, 2, 3, 4))
+    on_torch = compressor.encode(torch.from_numpy(v), edge_rng(1, 2, 3, 4))
+    assert torch.is_tensor(on_torch) and on_torch.dtype == torch.float32
+    assert on_torch.numpy().tobytes() == on_host.tobytes()
+    np.testing.assert_array_equal(compressor.decode(on_torch, d).numpy(), compressor.decode(on_host, d))
+    if spec.startswith("topk"):
+        k = compressor.count(d)
+        threshold = np.sort(np.abs(v))[d - k]
+        chosen = set(on_host[:k].view(np.uint32).tolist())
+        above = set(np.flatnonzero(np.abs(v) > threshold).tolist())
+        tied = np.flatnonzero(np.abs(v) == threshold)
+        assert len(tied) > k - len(above) > 0  # the case under test: the threshold splits a tie
+        assert chosen == above | set(tied[:k - len(above)].tolist())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--compression", "topk:0"], "--compression topk:F needs a fraction 0 < F < 1"),
     (["--compression", "topk:0.1", "--algorithm", "dsgd"], "--compression applies to"),
-    (["--compression", "topk:0.1", "--tensors", "torch"], "--compression runs on host (numpy) state"),
     (["--compression", "topk:0.1", "--on-failure", "continue"], "with --compression use --on-failure restart"),
     (["--algorithm", "choco", "--consensus-lr", "0"], "--consensus-lr must be in (0, 1]"),
 ])

@@ -93,7 +93,8 @@ def test_ray_equals_local_single_node(ray_local, algorithm, layout, k, tmp_path)
 
 # one layout per algorithm: torch state in the actors (--tensors torch), numpy state in the simulator
 TORCH_CASES = [(a, layout) for a, layout in LAYOUTS if layout.get("topology") != "chain" and layout.get("tree") != "chain"
-               and not (a == "relaysgd" and layout.get("tree") == "bfs")]
+               and not (a == "relaysgd" and layout.get("tree") == "bfs")] + [("relaysgd-qgm", dict(tree="double-binary")),
+                                                                           ("choco", dict(topology="ring"))]
 
 
 @pytest.mark.parametrize("algorithm,layout", TORCH_CASES, ids=[f"{a}-{'-'.join(l.values()) or 'exact'}"
@@ -109,20 +110,23 @@ def test_ray_with_torch_state_equals_local_with_numpy_state(ray_local, algorithm
     _assert_same_rows(ray_rows, _local_rows(RunConfig(**{**config.to_dict(), "tensors": "numpy"}), tmp_path))
 
 
-COMPRESSED_CASES = [("relaysgd", dict(tree="double-binary"), "topk:0.1"), ("relaysum-grad", dict(tree="chain"), "sign"),
-                    ("choco", dict(topology="ring"), "randk:0.2"), ("allreduce", {}, "qsgd:8")]
+# torch state in the actors for three of them: encoded on the device, the same bytes cross as numpy
+COMPRESSED_CASES = [("relaysgd", dict(tree="double-binary"), "topk:0.1", "torch"),
+                    ("relaysum-grad", dict(tree="chain"), "sign", "numpy"),
+                    ("choco", dict(topology="ring"), "randk:0.2", "torch"), ("allreduce", {}, "qsgd:8", "torch")]
 
 
-@pytest.mark.parametrize("algorithm,layout,spec", COMPRESSED_CASES, ids=[f"{a}-{c}" for a, _, c in COMPRESSED_CASES])
-def test_ray_with_compression_equals_local(ray_local, algorithm, layout, spec, tmp_path):
+@pytest.mark.parametrize("algorithm,layout,spec,kind", COMPRESSED_CASES,
+                         ids=[f"{a}-{c}-{k}" for a, _, c, k in COMPRESSED_CASES])
+def test_ray_with_compression_equals_local(ray_local, algorithm, layout, spec, kind, tmp_path):
     """Encoded messages cross the actors like any other (under drops, with the per-edge copies)."""
-    config = _config(algorithm, layout, compression=spec, drop_prob=0.1)
+    config = _config(algorithm, layout, compression=spec, drop_prob=0.1, tensors=kind)
     engine = _engine(config, 3)
     try:
         ray_rows = _ray_rows(engine, config, tmp_path)
     finally:
         engine.shutdown()
-    local_rows = _local_rows(config, tmp_path)
+    local_rows = _local_rows(RunConfig(**{**config.to_dict(), "tensors": "numpy"}), tmp_path)
     _assert_same_rows(ray_rows, local_rows)
     assert ray_rows[-1]["bytes_sent_per_worker"] == local_rows[-1]["bytes_sent_per_worker"]
 

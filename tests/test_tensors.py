@@ -21,7 +21,11 @@ ALGORITHM_LAYOUTS = [("relaysgd", dict(tree="double-binary")), ("relaysgd", dict
                      ("gradient-tracking", dict(topology="chain")), ("relaysgd-qgm", dict(tree="double-binary")),
                      ("sgp", dict(topology="star")), ("momentum-tracking", dict(topology="exponential-one-peer")),
                      ("qg-gutm", dict(topology="ring")), ("btpp", dict(branching=3)),
-                     ("relaysgd", dict(tree="double-binary", local_steps=3))]
+                     ("relaysgd", dict(tree="double-binary", local_steps=3)), ("gut", dict(topology="ring")),
+                     ("choco", dict(topology="ring")), ("choco", dict(topology="ring", compression="randk:0.2")),
+                     ("relaysgd", dict(tree="double-binary", compression="topk:0.1")),
+                     ("relaysum-grad", dict(tree="chain", compression="sign")), ("allreduce", dict(compression="qsgd:8")),
+                     ("allreduce", dict(compression="topk:0.1"))]
 IDS = [f"{a}-{'-'.join(map(str, layout.values())) or 'exact'}" for a, layout in ALGORITHM_LAYOUTS]
 
 
@@ -47,9 +51,27 @@ def test_torch_state_computes_what_numpy_state_computes(algorithm, layout):
     assert not np.allclose(numpy_workers[0].host_params(), numpy_workers[-1].host_params())
 
 
-@pytest.mark.parametrize("algorithm,layout", [ALGORITHM_LAYOUTS[0], ALGORITHM_LAYOUTS[7]], ids=[IDS[0], IDS[7]])
+CHECKPOINT_CASES = [("relaysgd", dict(tree="double-binary")), ("d2", dict(topology="ring")),
+                    ("choco", dict(topology="ring", compression="qsgd:8")),
+                    ("relaysgd", dict(tree="double-binary", compression="topk:0.1")),
+                    ("allreduce", dict(compression="sign"))]
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, dict):
+            _assert_same_state(value, b[key])
+        elif isinstance(value, np.ndarray):
+            assert isinstance(b[key], np.ndarray), key
+            np.testing.assert_array_equal(b[key], value)
+
+
+@pytest.mark.parametrize("algorithm,layout", CHECKPOINT_CASES,
+                         ids=[f"{a}-{'-'.join(map(str, layout.values()))}" for a, layout in CHECKPOINT_CASES])
 def test_checkpoints_move_between_numpy_and_torch_state(algorithm, layout):
-    """A worker's state dict is host numpy whatever the kind, and loads into the other kind exactly."""
+    """A worker's state dict is host numpy whatever the kind (compression copies and error memory
+    included), and loads into the other kind exactly."""
     common = dict(algorithm=algorithm, num_workers=8, dataset="quadratics", steps=10, backend="local", seed=1, **layout)
     source = [w for g in _run_group(build_experiment(RunConfig(tensors="numpy", **common)), 10) for w in g.workers]
     experiment = build_experiment(RunConfig(tensors="torch", **common))
@@ -60,10 +82,7 @@ def test_checkpoints_move_between_numpy_and_torch_state(algorithm, layout):
         target.load_state_dict(state)
         assert torch.is_tensor(target.params())
         np.testing.assert_array_equal(target.host_params(), w.host_params())
-        reloaded = target.state_dict()["algorithm"]
-        for key, value in state["algorithm"].items():
-            if isinstance(value, np.ndarray):
-                np.testing.assert_array_equal(reloaded[key], value)
+        _assert_same_state(state["algorithm"], target.state_dict()["algorithm"])
 
 
 def _digits_config(**overrides):
@@ -153,6 +172,40 @@ def test_gpu_state_never_leaves_the_device():
     assert all(m.is_cuda for out in outboxes for m in out)
     assert all(w.params().is_cuda and w.algorithm.optimizer.buffer.is_cuda for w in workers)
     assert isinstance(workers[0].problem, ClassificationProblem) and workers[0].problem.train_on_device is not None
+
+
+COMPRESSED_ON_DEVICE = [("relaysgd", dict(tree="double-binary"), "topk:0.1"), ("choco", dict(topology="ring"), "randk:0.2"),
+                        ("allreduce", {}, "sign"), ("relaysum-grad", dict(tree="chain"), "qsgd:8")]
+
+
+def _compressed_on(device: str, algorithm: str, layout: dict, spec: str, tmp_path) -> tuple[dict, list]:
+    """A compressed logreg run on ``device`` (torch state there; numpy state on the CPU), and one step's
+    messages and error-feedback copies from fresh workers on it."""
+    tensor_kind = "torch" if device == "cuda" else "numpy"
+    config = _digits_config(model="logreg", algorithm=algorithm, compression=spec, device=device, tensors=tensor_kind,
+                            steps=20, eval_every=10, out=str(tmp_path / device), **layout)
+    final = simulate(config, progress=False)["final"]
+    experiment = build_experiment(RunConfig(**{**config.to_dict(), "out": None}))
+    workers = [Worker(experiment.worker_spec(r), experiment.task_data) for r in range(4)]
+    outboxes = step_workers(workers, [[] for _ in workers], batched=False)
+    return final, [m for out in outboxes for m in out] + _copies(workers)
+
+
+def _copies(workers) -> list:
+    algorithms = [w.algorithm for w in workers]
+    return [d.copy for a in algorithms for side in ("sent", "heard", "sent_hat", "heard_hat")
+            for d in getattr(a, side, {}).values()] + [a.error for a in algorithms if getattr(a, "error", None) is not None]
+
+
+@cuda
+@pytest.mark.parametrize("algorithm,layout,spec", COMPRESSED_ON_DEVICE, ids=[f"{a}-{c}" for a, _, c in COMPRESSED_ON_DEVICE])
+def test_compressed_messages_stay_on_the_gpu_and_agree_with_the_cpu(algorithm, layout, spec, tmp_path):
+    """Encoding, decoding and the error-feedback copies run on the GPU; the run ends where the CPU's does."""
+    cpu, _ = _compressed_on("cpu", algorithm, layout, spec, tmp_path)
+    gpu, on_device = _compressed_on("cuda", algorithm, layout, spec, tmp_path)
+    assert on_device and all(torch.is_tensor(m) and m.is_cuda for m in on_device)
+    for key in ("test_acc_mean", "test_acc_worst", "train_loss"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=2e-2, abs=2e-2), key
 
 
 

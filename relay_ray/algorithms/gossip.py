@@ -87,10 +87,10 @@ class AllReduce(DSGD):
     def outgoing(self) -> list[Array]:
         if self.compressor is None:
             return super().outgoing()
-        update = tensors.to_host(self.update)
+        update = self.update
         if self.error_feedback:
             if self.error is None:
-                self.error = np.zeros_like(update)
+                self.error = tensors.zeros_like(update)
             update = update + self.error
         rng = edge_rng(self.links.seed, self.step, self.rank, self.rank)  # one draw for all receivers
         message, self.sent_update = self.compressor.roundtrip(update, rng)
@@ -104,7 +104,7 @@ class AllReduce(DSGD):
         updates = {self.rank: self.sent_update}
         updates.update((j, self.compressor.decode(m, self.num_params)) for j, m in zip(self.neighbors, inbox)
                        if m is not None)
-        total = np.zeros(self.num_params, np.float32)
+        total = tensors.zeros_like(self.sent_update)
         for j in sorted(updates):  # in rank order: every worker adds the same numbers in the same order
             total += updates[j]
         self.params = tensors.float32(self.params + total / np.float32(len(updates)))
@@ -112,12 +112,12 @@ class AllReduce(DSGD):
     def state_dict(self) -> dict:
         state = super().state_dict()
         if self.error is not None:
-            state["error"] = np.array(self.error)
+            state["error"] = np.array(tensors.to_host(self.error))
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.error = np.array(state["error"], dtype=np.float32) if "error" in state else None
+        self.error = tensors.clone(tensors.like(state["error"], self.params)) if "error" in state else None
 
 
 class DSGDQuasiGlobalMomentum(QuasiGlobalMomentum, GossipAlgorithm):
@@ -217,32 +217,30 @@ class Choco(GossipAlgorithm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        start = tensors.to_host(self.params)
-        self.sent = {j: Differential(start) for j in self.neighbors}   # x̂_i as neighbour j holds it
-        self.heard = {j: Differential(start) for j in self.neighbors}  # x̂_j
+        self.sent = {j: Differential(self.params) for j in self.neighbors}   # x̂_i as neighbour j holds it
+        self.heard = {j: Differential(self.params) for j in self.neighbors}  # x̂_j
 
     def outgoing(self) -> list[Array]:
-        half = tensors.to_host(self.half)
         compressor = self.compressor.contractive(self.num_params) if self.compressor else None
-        return [self.sent[j].send(half, compressor, edge_rng(self.links.seed, self.step, self.rank, j),
+        return [self.sent[j].send(self.half, compressor, edge_rng(self.links.seed, self.step, self.rank, j),
                                   delivered=not self.links.dropped(self.step, self.rank, j))
                 for j in self.neighbors]
 
     def incoming(self, inbox: list[Array | None]) -> None:
         compressor = self.compressor.contractive(self.num_params) if self.compressor else None
         weights = self.plan.gossip_weights
-        drift = np.zeros(self.num_params, np.float64)
+        drift = 0.0
         for j, message in zip(self.neighbors, inbox):
             heard = self.heard[j].receive(message, compressor)
-            drift += weights[self.rank, j] * (heard.astype(np.float64) - self.sent[j].copy)
-        self.params = tensors.float32(tensors.to_host(self.half) + np.float32(self.consensus_lr) * drift)
+            drift = drift + float(weights[self.rank, j]) * (tensors.float64(heard) - self.sent[j].copy)
+        self.params = tensors.float32(self.half + float(np.float32(self.consensus_lr)) * drift)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "sent": {str(j): d.copy for j, d in self.sent.items()},
-                "heard": {str(j): d.copy for j, d in self.heard.items()}}
+        return {**super().state_dict(), "sent": {str(j): tensors.to_host(d.copy) for j, d in self.sent.items()},
+                "heard": {str(j): tensors.to_host(d.copy) for j, d in self.heard.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         for name, copies in (("sent", self.sent), ("heard", self.heard)):
             for j in copies:
-                copies[j].copy = np.array(state[name][str(j)], dtype=np.float32)
+                copies[j].copy = tensors.clone(tensors.like(state[name][str(j)], self.params))

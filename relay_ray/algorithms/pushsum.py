@@ -47,20 +47,16 @@ class SGP(GossipAlgorithm):
         push = self._weights()
         d = self.num_params
         own = float(push[self.rank, self.rank])
-        numerator = own * self._wide(self.half_numerator)
+        numerator = own * tensors.float64(self.half_numerator)
         weight = own * self.weight
         for j, message in zip(self.neighbors, inbox):
             if message is not None and push[self.rank, j] != 0:
                 share = float(push[self.rank, j])
-                numerator = numerator + share * self._wide(message[:d])
+                numerator = numerator + share * tensors.float64(message[:d])
                 weight += share * float(message[d])
         self.numerator = tensors.float32(numerator)
         self.weight = weight
         self.params = tensors.float32(numerator / weight)
-
-    @staticmethod
-    def _wide(x: Array) -> Array:
-        return x.double() if tensors.is_torch(x) else x.astype(np.float64)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "numerator": np.array(tensors.to_host(self.numerator)),

@@ -105,7 +105,7 @@ class _RelayAlgorithm(Algorithm):
 
     def _differential(self, copies: dict, tree: int, j: int) -> Differential:
         if (tree, j) not in copies:
-            copies[(tree, j)] = Differential(np.zeros(self._size(tree), np.float32))
+            copies[(tree, j)] = Differential(tensors.zeros_like(self.x0[self._slice(tree)]))
         return copies[(tree, j)]
 
     def outgoing(self) -> list[Array]:
@@ -160,7 +160,7 @@ class _RelayAlgorithm(Algorithm):
         state = super().state_dict()
         state["channels"] = [ch.state_dict() for ch in self.channels]
         if self.sent_hat or self.heard_hat:
-            state["compressed"] = {f"{side}:{t}:{j}": d.copy for side, copies in
+            state["compressed"] = {f"{side}:{t}:{j}": tensors.to_host(d.copy) for side, copies in
                                    (("sent", self.sent_hat), ("heard", self.heard_hat)) for (t, j), d in copies.items()}
         return state
 
@@ -172,7 +172,7 @@ class _RelayAlgorithm(Algorithm):
         for key, copy in state.get("compressed", {}).items():
             side, t, j = key.split(":")
             target = self.sent_hat if side == "sent" else self.heard_hat
-            target[(int(t), int(j))] = Differential(copy)
+            target[(int(t), int(j))] = Differential(tensors.like(copy, self.params))
 
 
 FILL_RULES = ("x0", "current", "last")
@@ -199,7 +199,8 @@ class RelaySGD(_RelayAlgorithm):
         return self.half
 
     def _baseline(self, tree: int, count) -> Array:
-        return np.float32(count) * self.x0[self._slice(tree)]
+        # a count read from a message on the device is a one-element tensor: multiply there, no sync
+        return (count if tensors.is_torch(count) else float(count)) * self.x0[self._slice(tree)]
 
     def incoming(self, inbox: list[Array | None]) -> None:
         params = tensors.empty_like(self.params)
