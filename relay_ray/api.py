@@ -96,13 +96,14 @@ class Comparison:
 
 
 def compare(configs: list[RunConfig], options: EngineOptions | None = None, *, out: str | None = None,
-            address: str | None = None, progress: bool = True) -> Comparison:
+            address: str | None = None, progress: bool = True, overwrite: bool = False) -> Comparison:
     """Run every config one after another on one Ray instance; ``out`` gets compare.md, compare.png
-    and a run directory per algorithm."""
+    and a run directory per algorithm (an ``out`` holding a comparison is refused unless ``overwrite``)."""
     from relay_ray.comparison import run_comparison, run_labels
 
     configs = [dataclasses.replace(c, out=None) for c in configs]  # compare places each run in out
-    table, summaries, rows = run_comparison(configs, options, out_dir=out, address=address, progress=progress)
+    table, summaries, rows = run_comparison(configs, options, out_dir=out, address=address, progress=progress,
+                                            overwrite=overwrite)
     results = {label: _result(c, summaries[label], rows.get(label, [])) for label, c in zip(run_labels(configs), configs)}
     return Comparison(table, results, Path(out) if out else None)
 

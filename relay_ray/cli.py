@@ -24,6 +24,7 @@ from relay_ray.titles import command_stamp
 
 PROG = "relay-ray"
 DEFAULT_OUT = "runs/latest"
+DEFAULT_COMPARE_OUT = "runs/compare"
 EXIT_DIVERGED = 3
 
 def _flag(f: dataclasses.Field) -> str | None:
@@ -119,12 +120,13 @@ def _resolve_run(args: argparse.Namespace) -> ResolvedRun:
 
 
 def _explicit_dests(argv: list[str] | None) -> set[str]:
-    """The dests of the `run` flags given on the command line: a parser whose defaults are all
-    suppressed returns only those."""
+    """The dests of the flags given on the command line (of `run`, `compare`, ...): a parser whose
+    defaults are all suppressed returns only those."""
     parser = build_parser()
-    run = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
-    for action in run._actions:
-        action.default = argparse.SUPPRESS
+    commands = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+    for command in commands.choices.values():
+        for action in command._actions:
+            action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv or ["run"])))
 
 
@@ -183,9 +185,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_topology(args: argparse.Namespace) -> int:
     from relay_ray.experiment import build_topology
-    from relay_ray.topology import DIRECTED, check_bounded, plot_topology, topology_stats
+    from relay_ray.topology import DIRECTED, TIME_VARYING, check_bounded, plot_topology, topology_stats
 
-    config = RunConfig(algorithm="relaysgd", topology=args.topology, topology_file=args.topology_file,
+    # the statistics need only a config that accepts the graph: relays refuse the changing and directed ones
+    algorithm = "sgp" if args.topology in TIME_VARYING + DIRECTED else "relaysgd"
+    config = RunConfig(algorithm=algorithm, topology=args.topology, topology_file=args.topology_file,
                        tree=args.tree, num_workers=args.num_workers, dataset="quadratics", backend="local")
     check_bounded(config.num_workers)  # before the (complete) graph is built
     graph, trees = build_topology(config)
@@ -204,9 +208,10 @@ def cmd_topology(args: argparse.Namespace) -> int:
                   "mixing matrices; 0 = exact averaging)")
         print(f"spectral_gap   {stats['spectral_gap']:.4f}  (gossip matrix of the graph"
               f"{'; 1 - consensus_rate' if stats['period'] > 1 or args.topology in DIRECTED else ''})")
-        print(f"lr_correction  {stats['lr_correction']:.4f}  (RelaySGD --lr-correction auto)")
-        for i, edges in enumerate(stats["tree_edges"]):
-            print(f"tree {i} edges   " + " ".join(f"{u}-{v}" for u, v in edges))
+        if algorithm == "relaysgd":  # the relays refuse a graph that changes with the step or is directed
+            print(f"lr_correction  {stats['lr_correction']:.4f}  (RelaySGD --lr-correction auto)")
+            for i, edges in enumerate(stats["tree_edges"]):
+                print(f"tree {i} edges   " + " ".join(f"{u}-{v}" for u, v in edges))
     if args.plot:
         graph_name = args.topology_file or args.topology or "no graph (the tree is the topology)"
         plot_topology(graph, trees, args.plot,
@@ -249,7 +254,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         own = {"topology": topology, "topology_file": None} if topology else {}
         configs.append(RunConfig(**{**_run_settings(args), "algorithm": algorithm, **own, "out": None}))
     labels = run_labels(configs)
-    table = compare(configs, engine_options(args), out_dir=args.out, address=args.address, progress=not args.quiet)
+    # like run's runs/latest: the default --out is the latest comparison, replaced; any other is protected
+    replace_default = "out" not in _explicit_dests(getattr(args, "argv", None)) and args.out == DEFAULT_COMPARE_OUT
+    if replace_default and not args.overwrite and Path(DEFAULT_COMPARE_OUT, "compare.md").exists():
+        print(f"relay-ray: replacing the previous comparison in {DEFAULT_COMPARE_OUT} (the default --out)", file=sys.stderr)
+    table = compare(configs, engine_options(args), out_dir=args.out, address=args.address, progress=not args.quiet,
+                    overwrite=args.overwrite or replace_default)
     print(table)
     if args.out:
         print(f"wrote {args.out}/compare.md, compare.png and one run directory per run "
@@ -307,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated algorithms, each optionally ALGORITHM@TOPOLOGY to run it on its own "
                            "topology (e.g. dsgd@exponential-one-peer) (default: relaysgd,dsgd,allreduce)")
     add_run_flags(comp, skip=("algorithm",))
-    comp.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+    comp.add_argument("--out", default=DEFAULT_COMPARE_OUT, help="output directory; one that holds a comparison is "
+                      f"refused unless --overwrite, except the default (default: {DEFAULT_COMPARE_OUT}, replaced by "
+                      "each comparison that does not name another)")
+    comp.add_argument("--overwrite", action="store_true", help="replace the comparison in --out")
     comp.set_defaults(func=cmd_compare)
 
     sweep = sub.add_parser("tune", help="Ray Tune sweep over hyper-parameters, topologies, trees, heterogeneity",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from relay_ray import preflight, runner
+from relay_ray import preflight, rundir, runner
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.errors import Diverged, UserError
 from relay_ray.experiment import build_experiment
@@ -58,20 +58,28 @@ def run_labels(configs: list[RunConfig]) -> list[str]:
 
 
 def compare(configs: list[RunConfig], options: EngineOptions | None = None, out_dir: str | None = None,
-            address: str | None = None, progress: bool = True) -> str:
+            address: str | None = None, progress: bool = True, overwrite: bool = False) -> str:
     """Run every config (same data, split and seed) and return the Markdown table."""
-    return run_comparison(configs, options, out_dir, address, progress)[0]
+    return run_comparison(configs, options, out_dir, address, progress, overwrite)[0]
+
+
+def _holds_comparison(out: Path) -> bool:
+    return (out / "compare.md").exists() or any((d / rundir.RUN_MARKER).exists() for d in out.glob("*/"))
 
 
 def run_comparison(configs: list[RunConfig], options: EngineOptions | None = None, out_dir: str | None = None,
-                   address: str | None = None, progress: bool = True) -> tuple[str, dict[str, dict], dict[str, list]]:
+                   address: str | None = None, progress: bool = True,
+                   overwrite: bool = False) -> tuple[str, dict[str, dict], dict[str, list]]:
     """``compare``, also returning each run's summary and metrics rows (rows only with ``out_dir``), keyed
-    by ``run_labels``."""
+    by ``run_labels``.  An ``out_dir`` that holds a comparison is refused unless ``overwrite``; each run
+    then replaces what an earlier one left in its folder (metrics, checkpoints, event files)."""
     labels = run_labels(configs)
     if is_uri(out_dir):
         raise UserError(f"compare writes its table and figure into a local folder, not {out_dir}; "
                         "give a local --out (a run's --out may be a storage URI)")
     preflight.check_out(out_dir)
+    if out_dir and not overwrite and _holds_comparison(Path(out_dir)):
+        raise UserError(f"--out {out_dir} already holds a comparison; give --overwrite to replace it, or another --out")
     for config in configs:  # runs one after another: each must fit on its own
         preflight.check_run(config, options, address)
     experiments = [build_experiment(configs[0])]  # validates + loads data once
@@ -89,7 +97,8 @@ def run_comparison(configs: list[RunConfig], options: EngineOptions | None = Non
             if out is not None:
                 config.out = str(out / label)
             try:
-                summary = runner.run(config, options, address=address, progress=progress, experiment=experiment)
+                with rundir.claimed(config.out, overwrite=True):  # refused above unless replacing was asked for
+                    summary = runner.run(config, options, address=address, progress=progress, experiment=experiment)
             except Diverged as exc:  # one diverged algorithm is a result of the comparison, not its end
                 print(f"relay-ray: {label}: {exc}", file=sys.stderr)
                 summary = exc.summary

@@ -185,6 +185,18 @@ def test_compare_runs_an_algorithm_on_its_own_topologies(tmp_path, capsys):
     assert "| btpp | 2-ary tree |" in table
     for label in ("dsgd@ring", "dsgd@exponential-one-peer", "btpp"):
         assert json.loads((out / label / "summary.json").read_text())["steps"] == 8
+    # a named --out holding a comparison is refused; --overwrite replaces it, stale run files included
+    again = ["compare", "--algorithms", "btpp", "--dataset", "quadratics", "--steps", "6", "--backend", "local",
+             "--quiet", "--out", str(out)]
+    with pytest.raises(SystemExit) as refused:
+        cli.main(again)
+    err = capsys.readouterr().err.strip()
+    assert refused.value.code == 2 and err.splitlines() == [f"relay-ray: error: --out {out} already holds a "
+                                                            "comparison; give --overwrite to replace it, or another --out"]
+    (out / "btpp" / "checkpoints" / "step_99").mkdir(parents=True)
+    assert cli.main([*again, "--overwrite"]) == 0
+    assert json.loads((out / "btpp" / "summary.json").read_text())["steps"] == 6
+    assert not (out / "btpp" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(_row_args(row)) for row in BAD_INPUTS])
@@ -278,6 +290,16 @@ def test_topology_json():
     stats = json.loads(result.stdout)
     assert {"num_workers", "diameter", "max_degree", "spectral_gap", "lr_correction", "tree_edges"} <= set(stats)
     assert stats["diameter"] == 15 and abs(stats["lr_correction"] - 5.375) < 1e-9
+
+
+@pytest.mark.parametrize("topology,period,rate", [("exponential-one-peer", 4, "0.0000"),
+                                                   ("exponential-directed", 1, "0.6000")])
+def test_topology_reports_the_changing_and_directed_graphs(topology, period, rate, capsys):
+    """The graphs only gossip algorithms take: their period and consensus rate (in process: the CLI entry)."""
+    assert cli.main(["topology", "--topology", topology, "--workers", "16"]) == 0
+    out = capsys.readouterr().out
+    assert f"period         {period}  " in out and f"consensus_rate {rate}  " in out
+    assert "lr_correction" not in out  # the relays refuse these graphs
 
 
 @pytest.mark.parametrize("args", [["--workers", "100000"], ["--workers", "4097", "--topology", "ring"]])
