@@ -350,9 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     topo.add_argument("--plot", default=None, metavar="FILE.png", help="draw graph and tree(s)")
     topo.set_defaults(func=cmd_topology)
 
-    part = sub.add_parser("partition", help="per-worker label histograms of a Dirichlet split",
-                          description="Show how the Dirichlet(alpha) split gives each worker its classes.")
+    part = sub.add_parser("partition", help="per-worker label histograms of the non-iid split",
+                          description="Show which classes each worker gets from the split: --partition dirichlet "
+                          "(Dirichlet(alpha) per class) or paper (the authors' split).")
     add_settings(part, RunConfig, only=("dataset", "data_dir", "num_workers", "partition", "alpha", "seed"))
+    next(a for a in part._actions if a.dest == "num_workers").help = "number of workers (default: 16)"
     part.add_argument("--plot", default=None, metavar="FILE.png", help="stacked-bar plot of the histograms")
     part.set_defaults(func=cmd_partition)
     return parser

@@ -118,9 +118,9 @@ class RunConfig:
     lr_correction: str = setting("auto", "RelaySGD's lr multiplier: auto = computed from the tree (5.4 for a "
                                  "16-chain), none, or a number (default: auto)", metavar="{auto,none,FLOAT}",
                                  kind="str|float")
-    warmup_steps: int = setting(0, "linear lr warm-up from 0 over the first N steps (default: 0)", metavar="N",
+    warmup_steps: int = setting(0, "linear lr warm-up over the first N steps: lr x (step + 1) / N (default: 0)", metavar="N",
                                 exclusive="warmup")
-    warmup_epochs: float = setting(0.0, "linear lr warm-up from 0 over the first E epochs (the paper: 5 of 200) "
+    warmup_epochs: float = setting(0.0, "linear lr warm-up over the first E epochs, as --warmup-steps (the paper: 5 of 200) "
                                    "(default: 0)", metavar="E", exclusive="warmup")
     decay_at: list[float] = setting(list, "fractions of the run where the lr is multiplied by 0.1 (e.g. 0.75 0.9)",
                                     metavar="FRAC")
@@ -147,12 +147,12 @@ class RunConfig:
     drop_prob: float = setting(0.0, "unreliable links: each received message is lost with probability P, seeded per "
                                "step and edge; RelaySGD fills the gap per --relay-fill, gossip renormalises (default: 0)",
                                metavar="P")
-    relay_fill: str = setting("auto", "RelaySGD: what stands in for the models a worker has not received (DESIGN "
-                              "§1): x0 = the initial model (Algorithm 1); current = the receiver's current model "
+    relay_fill: str = setting("auto", "RelaySGD: what stands in for the models a worker has not received (README, "
+                              "Reliability): x0 = the initial model (Algorithm 1); current = the receiver's current model "
                               "(the authors' robustness rule); last = the last message received on that edge. "
                               f"auto = x0 on reliable links, {DROP_FILL} with --drop-prob > 0 (measured best in "
                               "benchmarks/drops.py) (default: auto)", choices=RELAY_FILLS)
-    compression: str | None = setting(None, "compress messages (DESIGN: compressed communication): topk:F, randk:F "
+    compression: str | None = setting(None, "compress messages (README, Compressed communication): topk:F, randk:F "
                                       "(fraction F of coordinates), sign (1 bit each + a scale) or qsgd:S (S levels); "
                                       f"for {', '.join(COMPRESSING_ALGORITHMS)}: CHOCO and relays with error "
                                       "feedback, all-reduce EF-SGD (topk, sign) or unbiased QSGD (randk, qsgd) "

@@ -49,6 +49,23 @@ def check_installed(names: tuple[str, ...]) -> None:
                             f"pip install 'relay_ray[{name}]'")
 
 
+def check_stores(names: tuple[str, ...]) -> None:
+    """A tracker that cannot use its store is refused before anything starts (it would fail at the
+    first evaluation, leaving half a run): MLflow 3's default store, for one, needs sqlalchemy."""
+    if "mlflow" not in names:
+        return
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure of the store is the same user-facing problem
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"--logger mlflow: its tracking store {mlflow.get_tracking_uri()} does not work ({why}); set "
+                        "MLFLOW_TRACKING_URI to a tracking server (http://HOST:5000), or to file:./mlruns with "
+                        "MLFLOW_ALLOW_FILE_STORE=true") from None
+
+
 def scalars(row: dict) -> dict[str, float]:
     """The numbers of an evaluation row a tracker can plot (everything but the step and the lists)."""
     return {key: float(value) for key, value in row.items()

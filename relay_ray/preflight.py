@@ -17,7 +17,7 @@ from pathlib import Path
 
 from relay_ray.config import EngineOptions, RunConfig
 from relay_ray.errors import UserError
-from relay_ray.loggers import check_installed
+from relay_ray.loggers import check_installed, check_stores
 from relay_ray.storage import Location, is_uri
 from relay_ray.topology import check_bounded, make_graph
 
@@ -68,6 +68,7 @@ def check_run(config: RunConfig, options: EngineOptions | None = None, address: 
         check_reachable(address)
     if on_this_machine:
         check_memory(estimate_memory(config, options or EngineOptions()), available_memory())
+    check_stores(config.loggers)  # last: it may ask a tracking server
 
 
 # ------------------------------------------------------------------------- small checks

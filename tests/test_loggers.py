@@ -100,3 +100,26 @@ def test_bad_or_missing_logger_is_one_line_before_anything_starts(argv, message,
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip().startswith(f"relay-ray: error: {message}")
     assert not (out / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("uri", ["nosuchscheme://tracking", None])
+def test_an_unusable_mlflow_store_is_one_line_before_the_run(uri, tmp_path, monkeypatch, capsys):
+    """A store MLflow cannot use (an unknown scheme; or, unset, whatever this MLflow's default is, which
+    must then work) is refused before anything starts, in one line naming what to set."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    if uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "run"
+    try:
+        code = cli.main([*RUN, "--logger", "mlflow", "--out", str(out)])
+    except SystemExit as exited:
+        code = exited.code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "--logger mlflow: its tracking store" in lines[0], lines
+        assert "MLFLOW_TRACKING_URI" in lines[0] and not (out / "config.yaml").exists()
+    else:
+        assert uri is None and code == 0 and (out / "summary.json").exists()  # this MLflow's default store works
+
