@@ -21,7 +21,8 @@ values); say which in the table.  --train-epochs E adds a real 16-worker RelaySG
     .venv/bin/python benchmarks/gpu_throughput.py                       # CPU: small CNN, a few steps
     .venv/bin/python benchmarks/gpu_throughput.py --device cuda --data-dir ../shared/data/cifar10-jpg.tar.gz
 
-Writes the section "## GPU throughput" of RESULTS.md (--results PATH elsewhere, --no-results not at all).
+On cuda it writes the section "## GPU throughput" of RESULTS.md (--results PATH elsewhere, --no-results
+not at all); on cpu only with --results PATH, so a CPU check never replaces the GPU table.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                         "epochs on the real data (needs --data-dir)")
     parser.add_argument("--train-model", default="vgg11", help="the model of --train-epochs (default: vgg11)")
     parser.add_argument("--json", help="also write the rows as JSON here")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--results", help="Markdown file for the section (default: benchmarks/RESULTS.md on cuda; "
+                        "none on cpu)")
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
@@ -233,8 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "training": training, "header": header}, indent=1))
-    if not args.no_results:
-        write_section(Path(args.results), SECTION, text)
+    results = args.results or (str(ROOT / "benchmarks" / "RESULTS.md") if args.device == "cuda" else None)
+    if results and not args.no_results:
+        write_section(Path(results), SECTION, text)
 
 
 if __name__ == "__main__":
