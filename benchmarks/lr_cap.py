@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="an earlier cifar10_table.py run of the CIFAR rows (skips part 2)")
     parser.add_argument("--skip-cifar", action="store_true", help="part 1 only")
     parser.add_argument("--jobs", type=int, default=2, help="CIFAR-10 runs side by side")
+    parser.add_argument("--data-dir", default=None, metavar="PATH",
+                        help="CIFAR-10 for part 2 (default: cifar10_table.py's, the shared archive beside the clone)")
     return parser.parse_args(argv)
 
 
@@ -217,7 +219,9 @@ def cifar_part(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, Pa
     if not args.cifar_from:
         import cifar10_table
 
-        cifar10_table.main(["--alphas", "0.01", "--out", str(folder), "--jobs", str(args.jobs), "--variants", *CIFAR_ROWS])
+        data = ["--data-dir", args.data_dir] if args.data_dir else []
+        cifar10_table.main(["--alphas", "0.01", "--out", str(folder), "--jobs", str(args.jobs), *data,
+                            "--variants", *CIFAR_ROWS])
     return pd.read_csv(folder / "tuning.csv"), pd.read_csv(folder / "table.csv"), folder
 
 

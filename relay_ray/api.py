@@ -7,7 +7,7 @@
 
 The same checks and one-line ``UserError`` messages as the CLI (the CLI is a layer over these
 functions plus argument parsing), the same run directory rules: an ``out`` that holds a finished
-run is refused unless ``overwrite=True`` (or ``resume=True`` continues it), and a live run's
+run is refused unless ``overwrite=True`` (or ``resume(out)`` continues it), and a live run's
 directory is never written into.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,6 +177,7 @@ class RunConfig:
                                  resumable=True, group="output")
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._validate()
         self._resolve_num_workers()
         defaults = TASK_DEFAULTS[self.dataset]
@@ -192,6 +194,19 @@ class RunConfig:
         self._validate_resolved()
 
     # ------------------------------------------------------------------ validation
+    def _check_types(self) -> None:
+        """Each setting of the type its flag and YAML key take (a config built in Python gets the
+        same one-line error as a sweep file, not a TypeError from deep inside)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            elif f.name == "alpha" and isinstance(value, str) and value.strip().lower() in ("inf", "infinity"):
+                value = math.inf
+            elif isinstance(value, tuple):
+                value = list(value)
+            setattr(self, f.name, _typed(f.name, value, _FIELD_TYPES[f.name]))
+
     def _validate(self) -> None:
         self._validate_finite()
         _choice("algorithm", self.algorithm, ALGORITHMS)

@@ -213,6 +213,24 @@ def tracker_callbacks(sweep: Sweep) -> list:
 PROGRESS = ("lines", "tune", "none")
 
 
+@contextlib.contextmanager
+def _tune_output(progress: str):
+    """Tune's new console engine prints its experiment banner even at verbose=0; unless Tune's own
+    output was asked for (--verbose), use its legacy engine, which verbose=0 silences."""
+    if progress == "tune":
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
 def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = None, resume: bool = False,
               storage: str | None = None, data_dir: str | None = None, progress: str = "lines") -> str:
     """Run (or resume) a sweep; writes results.csv, best.md and sweep.png into ``out``; returns best.md's table.
@@ -265,7 +283,8 @@ def run_sweep(sweep_file: str | Path, out: str | Path, address: str | None = Non
                                           # each trial's run files (metrics.jsonl, curves.png) reach the storage
                                           sync_config=tune.SyncConfig(sync_artifacts=True)),
             )
-        grid = tuner.fit()
+        with _tune_output(progress):
+            grid = tuner.fit()
         frame = results_frame(grid.get_dataframe(), sweep)
     finally:
         if started:

@@ -51,7 +51,8 @@ def test_four_trial_sweep(ray_two_cpus, tmp_path, capfd, monkeypatch):
     assert sorted(line.split("]")[0] for line in lines) == [f"relay-ray tune: [{k}/4" for k in range(1, 5)], lines
     assert all(re.search(r"algorithm=(relaysgd|dsgd), lr=0\.(05|1): test_acc_worst 0\.\d{4} \(\d+s\)$", line)
                for line in lines), lines
-    assert "Trial status" not in printed.out + printed.err  # none of Tune's own tables
+    for tune_output in ("Trial status", "Configuration for experiment", "View detailed results"):
+        assert tune_output not in printed.out + printed.err  # none of Tune's own tables or banners
 
     results = pd.read_csv(out / "results.csv")
     assert len(results) == 4
