@@ -13,6 +13,25 @@ def test_lr_correction_applies_to_relaysgd_only():
     assert RunConfig(algorithm="dsgd", lr_correction="2.5", backend="local").lr_scale(5.375) == 1.0
 
 
+@pytest.mark.parametrize("setting,message", [
+    (dict(num_workers="4"), "setting num_workers must be an integer, got '4'"),
+    (dict(num_workers=4.5), "setting num_workers must be an integer, got 4.5"),
+    (dict(lr="0.1"), "setting lr must be a number, got '0.1'"),
+    (dict(decay_at=0.5), "setting decay_at must be a list of numbers, got 0.5"),
+])
+def test_a_config_built_in_python_gets_the_one_line_type_errors(setting, message):
+    with pytest.raises(UserError) as error:
+        RunConfig(dataset="digits", backend="local", **setting)
+    assert str(error.value) == message
+
+
+def test_a_config_built_in_python_takes_paths_tuples_and_inf():
+    from pathlib import Path
+
+    config = RunConfig(dataset="digits", backend="local", out=Path("runs/x"), decay_at=(0.5, 0.75), alpha="inf")
+    assert config.out == "runs/x" and config.decay_at == [0.5, 0.75] and math.isinf(config.alpha)
+
+
 def test_task_defaults_fill_unset_fields_only():
     config = RunConfig(dataset="digits", lr=0.2, backend="local")
     assert config.lr == 0.2 and config.model == "mlp" and config.epochs == 30 and config.steps is None
