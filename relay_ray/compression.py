@@ -29,6 +29,7 @@ gives one for every spec: itself for topk and sign, and the unbiased ones scaled
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,7 +158,7 @@ class Compressor:
         draw = torch.from_numpy(rng.random(d)).to(v.device, non_blocking=True)
         sign = torch.where(v < 0, -1, 1).to(torch.int8)
         levels = torch.where(positive, (lower + (draw < ratio - lower)).to(torch.int8) * sign, 0).to(torch.int8)
-        return torch.cat([norm.reshape(1), _padded_bytes(levels.view(torch.uint8)).view(torch.float32)])
+        return torch.cat([norm.reshape(1), _padded(levels.view(torch.uint8), 4).view(torch.float32)])
 
     def decode(self, message, d: int):
         if tensors.is_torch(message):
@@ -195,21 +196,14 @@ class Compressor:
         return message, self.decode(message, v.shape[0])
 
 
-def _padded(data: np.ndarray, multiple: int) -> np.ndarray:
+def _padded(data, multiple: int):
+    """``data`` (numpy or torch) with zeros appended up to a multiple of ``multiple`` elements."""
     extra = (-data.shape[0]) % multiple
-    return np.concatenate([data, np.zeros(extra, data.dtype)]) if extra else data
-
-
-def _padded_bytes(data):
-    """A uint8 tensor padded with zeros to whole float32 slots (``_padded(data, 4)`` on torch)."""
-    return _zero_padded(data, 4)
-
-
-def _zero_padded(data, multiple: int):
-    import torch
-
-    extra = (-data.shape[0]) % multiple
-    return torch.cat([data, data.new_zeros(extra)]) if extra else data
+    if not extra:
+        return data
+    if tensors.is_torch(data):
+        return sys.modules["torch"].cat([data, data.new_zeros(extra)])
+    return np.concatenate([data, np.zeros(extra, data.dtype)])
 
 
 def _packbits(bits):
@@ -217,8 +211,8 @@ def _packbits(bits):
     import torch
 
     weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
-    octets = _zero_padded(bits, 8).view(-1, 8).to(torch.uint8)
-    return _padded_bytes((octets * weights).sum(dim=1, dtype=torch.uint8))
+    octets = _padded(bits, 8).view(-1, 8).to(torch.uint8)
+    return _padded((octets * weights).sum(dim=1, dtype=torch.uint8), 4)
 
 
 def _scalar32(value: float, like):
@@ -273,8 +267,7 @@ class Differential:
     ``compressor`` None: the difference travels dense (exact; what CHOCO with Q = identity does)."""
 
     def __init__(self, start):
-        self.copy = tensors.clone(tensors.float32(start)) if tensors.is_torch(start) \
-            else np.array(start, dtype=np.float32, copy=True)
+        self.copy = tensors.clone(tensors.float32(start))
 
     def send(self, v, compressor: Compressor | None, rng, delivered: bool):
         difference = tensors.float32(v) - self.copy

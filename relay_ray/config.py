@@ -407,12 +407,7 @@ class RunConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"unknown run setting(s): {', '.join(unknown)}")
-        data = dict(data)
-        if isinstance(data.get("alpha"), str) and data["alpha"].strip().lower() in ("inf", "infinity"):
-            data["alpha"] = math.inf
-        for name, value in data.items():
-            data[name] = _typed(name, value, _FIELD_TYPES[name])
-        return cls(**data)
+        return cls(**data)  # __post_init__ checks each setting's type
 
     def dump(self, path: str | Path, engine: dict | None = None) -> None:
         """Written to a temporary file and renamed: a reader never sees half a config.
